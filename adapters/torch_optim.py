@@ -1,0 +1,462 @@
+"""torch.optim adapters: real ``torch.optim.Optimizer`` subclasses over functim's functional core.
+
+The adapter keeps no maths of its own: each ``step()`` calls the functional optimizer's update in
+donated (in-place) mode. State lives where torch expects it (``self.state[p]``, created eagerly at
+construction so ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` sees it),
+hyperparameters live in ``param_groups`` (so ``torch.optim.lr_scheduler`` works: ``group["lr"]`` is
+read every step), and ``state_dict()``/``load_state_dict()`` are torch's own, except that loading
+keeps each state tensor's dtype (torch would cast it to the param dtype, turning the float32
+moments of a bfloat16 param into bfloat16).
+
+Per-parameter state layout:
+- elementwise optimizers (AdamW, SGD, ...): torch's layout — ``step`` (float32 CPU tensor, per
+  param, as torch) and the named buffers (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...);
+- any other functim optimizer (chain, partition, ...): every per-parameter buffer and every
+  scalar of the functional state under its dotted state path (scalars are shared by the group and
+  stored with each of its params).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+import functim as ft
+from functim import _tree
+from functim.base import ElementwiseOptimizer
+from functim.hyperparams import HPARAM_DTYPE, HPARAMS_KEY, check_hyperparam, get_hyperparams
+
+_STATIC_KEYS = ("params", "param_names", "initial_lr")
+
+
+def _named_param_groups(params: Any) -> list[dict]:
+    """Normalise torch's accepted inputs (tensors, (name, tensor) pairs, dicts) to groups."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts")
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(params[0], dict):
+        params = [{"params": params}]
+    return params
+
+
+class FunctimOptimizer(torch.optim.Optimizer):
+    """Drive any functim :class:`~functim.Optimizer` as a ``torch.optim.Optimizer``.
+
+    ``FunctimOptimizer(model.named_parameters(), ft.chain(ft.clip_by_global_norm(1.0),
+    ft.adamw(lr=3e-4)))``. The group keys are the optimizer's hyperparameter names (``lr``,
+    ``beta1``, ... or dotted paths where a short name is ambiguous), so param groups can override
+    them and LR schedulers drive ``lr``. A hyperparameter given to the functional optimizer as a
+    schedule is driven by that schedule, not by the group.
+
+    Pass ``model.named_parameters()`` so that path rules (``ft.partition``, weight-decay masks) see
+    the parameter names; plain parameters are named ``"<group>.<index>"``.
+    """
+
+    def __init__(self, params: Iterable, optimizer: ft.Optimizer | None = None,
+                 *, fused: bool | None = None, **defaults: Any):
+        if optimizer is None:
+            optimizer = self._default_optimizer(defaults)
+        if not isinstance(optimizer, ft.Optimizer):
+            raise TypeError("optimizer must be a functim Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self._functional = optimizer
+        self._fused_default = fused
+        hp = self._hparam_floats(optimizer)
+        merged = {**hp, **defaults}
+        self._caches: dict[int, Any] = {}
+        super().__init__(_named_param_groups(params), merged)
+        for group in self.param_groups:
+            self._validate_group(group)
+        self._init_all_state()
+
+    # -- hooks for named subclasses ------------------------------------------------------
+    def _default_optimizer(self, defaults) -> ft.Optimizer:
+        raise TypeError("FunctimOptimizer(params, optimizer): a functim optimizer is required")
+
+    @staticmethod
+    def _hparam_floats(optimizer: ft.Optimizer) -> dict[str, float]:
+        hp = get_hyperparams(optimizer.init_state({}))
+        short: dict[str, list[str]] = {}
+        for path in hp:
+            short.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+        out = {}
+        for path, t in hp.items():
+            name = path.rsplit(".", 1)[-1]
+            out[name if len(short[name]) == 1 else path] = float(t)
+        return out
+
+    def _group_optimizer(self, group: dict) -> ft.Optimizer:
+        """The functional optimizer for a group (named subclasses build it from static options)."""
+        return self._functional
+
+    def _group_hparams(self, group: dict) -> dict[str, float]:
+        """{short-or-dotted hyperparameter name: value} for this group."""
+        names = self._hparam_floats(self._group_optimizer(group))
+        return {k: group[k] for k in names}
+
+    def _validate_group(self, group: dict) -> None:
+        """Group values get the functional core's checks (named subclasses re-run their ctor)."""
+        opt = self._group_optimizer(group)
+        ranges = getattr(opt, "ranges", {})
+        for k, v in self._group_hparams(group).items():
+            if k in ranges:
+                check_hyperparam(opt.name, k, v, ranges[k])
+
+    # -- param groups ----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        names = param_group.get("params")
+        if isinstance(names, Iterable) and not isinstance(names, torch.Tensor):
+            items = list(names)
+            if items and isinstance(items[0], tuple):
+                param_group = dict(param_group)
+                param_group["param_names"] = [n for n, _ in items]
+                param_group["params"] = [p for _, p in items]
+            else:
+                param_group = dict(param_group, params=items)
+        super().add_param_group(param_group)
+        if hasattr(self, "_caches"):
+            group = self.param_groups[-1]
+            self._validate_group(group)
+            self._init_group_state(len(self.param_groups) - 1, group)
+
+    def _names(self, gi: int, group: dict) -> list[str]:
+        names = group.get("param_names")
+        return list(names) if names else [f"{gi}.{i}" for i in range(len(group["params"]))]
+
+    # -- state -----------------------------------------------------------------------------
+    def _init_all_state(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            self._init_group_state(gi, group)
+
+    def _init_group_state(self, gi: int, group: dict) -> None:
+        self._caches.pop(gi, None)
+        opt = self._group_optimizer(group)
+        params = group["params"]
+        if all(len(self.state[p]) > 0 for p in params):
+            return
+        tree = dict(zip(self._names(gi, group), params))
+        with torch.no_grad():
+            st = opt.init_state(tree)
+        if isinstance(opt, ElementwiseOptimizer):
+            for b in opt.buffer_names:
+                for name, p in tree.items():
+                    self.state[p].setdefault(b, st[b][name])
+            for p in params:
+                self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+            return
+        layout = _Layout(st, tree)
+        for path, buf in layout.buffers(st).items():
+            for name, p in tree.items():
+                if buf[name] is not None:
+                    self.state[p].setdefault(path, buf[name])
+        for path, t in layout.scalars(st).items():
+            for p in params:
+                self.state[p].setdefault(path, t.clone())
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # torch casts floating state to the param dtype; functim keeps the saved dtype
+        if key == "step":
+            return value
+        return value.to(device=param.device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._caches.clear()
+        self._init_all_state()
+
+    # -- step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            opt = self._group_optimizer(group)
+            if isinstance(opt, ElementwiseOptimizer):
+                self._step_elementwise(gi, group, opt)
+            else:
+                self._step_generic(gi, group, opt)
+        return loss
+
+    def _use_fused(self, group: dict) -> bool:
+        fused = group.get("fused", self._fused_default)
+        if group.get("differentiable"):
+            return False
+        return fused is None or bool(fused)
+
+    def _step_elementwise(self, gi: int, group: dict, opt: ElementwiseOptimizer) -> None:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError(f"{opt.name}: sparse gradients are not supported")
+        key = tuple(g is not None for g in grads) if None in grads else None
+        cache = self._caches.get(gi)
+        if cache is None or cache["key"] != key:
+            cache = self._build_cache(gi, group, opt, grads, key)
+        host = self._group_hparams(group)
+        fused = self._use_fused(group)
+        for sub in cache["subgroups"]:
+            hp = sub["hp"]
+            for k, v in host.items():
+                if isinstance(v, torch.Tensor):
+                    hp[k] = v.to(dtype=HPARAM_DTYPE)
+                else:
+                    hp[k].fill_(v)
+            sub_grads = [grads[i] for i in sub["index"]]
+            sub["step_t"].fill_(sub["step"] + 1)
+            new_p, new_b = opt.step_leaves(
+                sub["params"], sub_grads, sub["buffers"], hp, sub["step_t"], sub["decay"],
+                donate=True, host_hp=None if any(isinstance(v, torch.Tensor) for v in
+                                                 host.values()) else host,
+                fused=fused)
+            for p, q in zip(sub["params"], new_p):
+                if q is not p:
+                    p.copy_(q)
+            for b, lst in new_b.items():
+                for p, old, new in zip(sub["params"], sub["buffers"][b], lst):
+                    if new is not old:
+                        self.state[p][b] = new
+                sub["buffers"][b] = lst
+            torch._foreach_add_(sub["steps"], 1.0)
+            sub["step"] += 1
+
+    def _build_cache(self, gi, group, opt, grads, key):
+        params = group["params"]
+        names = self._names(gi, group)
+        active = [i for i, g in enumerate(grads) if g is not None]
+        tree = dict(zip(names, params))
+        decay_all = ft.base.decay_flags(opt.weight_decay_mask, tree, list(tree.values()), None)
+        steps = [self.state[params[i]]["step"] for i in active]
+        values = torch.stack(steps).tolist() if steps else []
+        by_step: dict[float, list[int]] = {}
+        for i, v in zip(active, values):
+            by_step.setdefault(v, []).append(i)
+        device = next((p.device for p in params), torch.device("cpu"))
+        subgroups = []
+        for v, idx in by_step.items():
+            ps = [params[i] for i in idx]
+            subgroups.append({
+                "index": idx, "params": ps, "step": int(v),
+                "steps": [self.state[p]["step"] for p in ps],
+                "buffers": {b: [self.state[p][b] for p in ps] for b in opt.buffer_names},
+                "decay": [decay_all[i] for i in idx],
+                "hp": {k: torch.zeros((), dtype=HPARAM_DTYPE, device=device)
+                       for k in opt.hyperparams},
+                "step_t": torch.zeros((), dtype=torch.int32, device=device),
+            })
+        cache = {"key": key, "subgroups": subgroups}
+        self._caches[gi] = cache
+        return cache
+
+    def _step_generic(self, gi: int, group: dict, opt: ft.Optimizer) -> None:
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            return
+        names = self._names(gi, group)
+        tree = dict(zip(names, params))
+        grads = {n: p.grad for n, p in tree.items()}
+        cache = self._caches.get(gi)
+        if cache is None:
+            cache = self._caches[gi] = {"layout": _Layout(opt.init_state(tree), tree)}
+        layout: _Layout = cache["layout"]
+        first = next(p for p in params if p.grad is not None)
+        host = self._group_hparams(group)
+        state = layout.assemble(self.state, tree, first, host)
+        new_params, new_state = opt.update(tree, grads, state, donate=True)
+        for n, p in tree.items():
+            q = new_params[n]
+            if q is not p:
+                p.copy_(q)
+        layout.scatter(new_state, self.state, tree)
+
+
+class _Layout:
+    """Where each piece of a functional state goes in torch's per-parameter state."""
+
+    def __init__(self, state: Any, tree: dict):
+        self.template = state
+        self.param_spec = _tree.structure(tree)
+        self.buffer_paths: list[str] = []
+        self.scalar_paths: list[str] = []
+        self.hparam_paths: list[str] = []
+        self._walk(state, "")
+        hp_short: dict[str, int] = {}
+        for path in self.hparam_paths:
+            n = path.rsplit(".", 1)[-1]
+            hp_short[n] = hp_short.get(n, 0) + 1
+        self.group_key = {path: (path.rsplit(".", 1)[-1]
+                                 if hp_short[path.rsplit(".", 1)[-1]] == 1 else path)
+                          for path in self.hparam_paths}
+
+    def _is_buffer(self, sub: Any) -> bool:
+        try:
+            self.param_spec.flatten_up_to(sub)
+        except (ValueError, TypeError):
+            return False
+        return isinstance(sub, Mapping) or not isinstance(sub, torch.Tensor)
+
+    def _walk(self, s: Any, prefix: str) -> None:
+        join = (lambda k: f"{prefix}.{k}" if prefix else str(k))
+        if isinstance(s, Mapping):
+            for k, v in s.items():
+                if k == HPARAMS_KEY:
+                    self.hparam_paths += [f"{prefix}.{name}" if prefix else name for name in v]
+                elif self._is_buffer(v):
+                    self.buffer_paths.append(join(k))
+                else:
+                    self._walk(v, join(k))
+        elif isinstance(s, (list, tuple)):
+            for i, v in enumerate(s):
+                self._walk(v, join(i))
+        elif isinstance(s, torch.Tensor):
+            self.scalar_paths.append(prefix)
+
+    @staticmethod
+    def _get(s, path):
+        for k in path.split(".") if path else []:
+            s = s[int(k)] if isinstance(s, (list, tuple)) else s[k]
+        return s
+
+    def buffers(self, state) -> dict[str, dict]:
+        return {p: self._get(state, p) for p in self.buffer_paths}
+
+    def scalars(self, state) -> dict[str, torch.Tensor]:
+        return {p: self._get(state, p) for p in self.scalar_paths}
+
+    def assemble(self, torch_state, tree: dict, first: torch.Tensor, host: dict) -> Any:
+        def build(s, prefix):
+            join = (lambda k: f"{prefix}.{k}" if prefix else str(k))
+            if isinstance(s, Mapping):
+                out = {}
+                for k, v in s.items():
+                    path = join(k)
+                    if k == HPARAMS_KEY:
+                        out[k] = {}
+                        for name, t in v.items():
+                            hpath = f"{prefix}.{name}" if prefix else name
+                            val = host[self.group_key[hpath]]
+                            out[k][name] = (val.to(t.device, HPARAM_DTYPE)
+                                            if isinstance(val, torch.Tensor) else
+                                            torch.tensor(float(val), dtype=HPARAM_DTYPE,
+                                                         device=t.device))
+                    elif path in self.buffer_paths:
+                        # tree is a flat {name: param} dict: a dict with its keys has its structure
+                        out[k] = {n: torch_state[p].get(path) for n, p in tree.items()}
+                    else:
+                        out[k] = build(v, path)
+                return out
+            if isinstance(s, (list, tuple)):
+                return type(s)(build(v, join(i)) for i, v in enumerate(s))
+            if isinstance(s, torch.Tensor):
+                return torch_state[first][prefix]
+            return s
+        return build(self.template, "")
+
+    def scatter(self, new_state, torch_state, tree: dict) -> None:
+        for path in self.buffer_paths:
+            buf = self._get(new_state, path)
+            for n, p in tree.items():
+                if buf[n] is not None:
+                    torch_state[p][path] = buf[n]
+        for path in self.scalar_paths:
+            t = self._get(new_state, path)
+            for p in tree.values():
+                torch_state[p][path] = t
+
+
+# -- named classes with torch.optim's signatures ---------------------------------------------
+class AdamW(FunctimOptimizer):
+    """``torch.optim.AdamW``'s signature over :func:`functim.adamw`.
+
+    ``fused=None`` (default) uses torch's fused AdamW kernel (the same maths) where it applies
+    (CPU/CUDA, param dtype == state dtype), otherwise functim's multi-tensor kernel;
+    ``fused=False`` always uses functim's kernel, which is bitwise identical to the functional
+    ``ft.adamw(...).update``. ``state_dtype`` and ``weight_decay_mask`` as in :func:`functim.adamw`.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+        if capturable or differentiable:
+            raise ValueError("functim.adapters.AdamW: capturable/differentiable are not "
+                             "supported; use the functional ft.adamw for differentiable steps")
+        self._builders: dict = {}
+        self._wd_mask = weight_decay_mask
+        ft.adamw(lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+                 state_dtype=state_dtype)  # validates the defaults
+        super().__init__(params, ft.adamw(), fused=fused, lr=lr, betas=tuple(betas), eps=eps,
+                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                         foreach=foreach, state_dtype=state_dtype)
+
+    @staticmethod
+    def _hparam_floats(optimizer):
+        return {}
+
+    def _group_optimizer(self, group):
+        key = (group["amsgrad"], group["maximize"], group["state_dtype"])
+        opt = self._builders.get(key)
+        if opt is None:
+            opt = self._builders[key] = ft.adamw(
+                amsgrad=key[0], maximize=key[1], state_dtype=key[2],
+                weight_decay_mask=self._wd_mask)
+        return opt
+
+    def _group_hparams(self, group):
+        b1, b2 = group["betas"]
+        return {"lr": group["lr"], "beta1": b1, "beta2": b2, "eps": group["eps"],
+                "weight_decay": group["weight_decay"]}
+
+    def _validate_group(self, group):
+        ft.adamw(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                 amsgrad=group["amsgrad"], maximize=group["maximize"])
+
+
+class SGD(FunctimOptimizer):
+    """``torch.optim.SGD``'s signature over :func:`functim.sgd`."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 weight_decay_mask: Any = None):
+        if differentiable:
+            raise ValueError("functim.adapters.SGD: differentiable is not supported; use the "
+                             "functional ft.sgd for differentiable steps")
+        self._builders: dict = {}
+        self._wd_mask = weight_decay_mask
+        ft.sgd(lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
+        super().__init__(params, ft.sgd(), fused=fused, lr=lr, momentum=momentum,
+                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                         maximize=maximize, foreach=foreach, state_dtype=state_dtype)
+
+    @staticmethod
+    def _hparam_floats(optimizer):
+        return {}
+
+    def _group_optimizer(self, group):
+        # a momentum buffer exists iff momentum != 0 (torch); that is static per group
+        key = (group["momentum"] != 0, group["nesterov"], group["maximize"], group["state_dtype"])
+        opt = self._builders.get(key)
+        if opt is None:
+            opt = self._builders[key] = ft.sgd(
+                momentum=0.9 if key[0] else 0.0, nesterov=key[1], maximize=key[2],
+                state_dtype=key[3], weight_decay_mask=self._wd_mask)
+        return opt
+
+    def _group_hparams(self, group):
+        return {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay")}
+
+    def _validate_group(self, group):
+        ft.sgd(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+               group["nesterov"], maximize=group["maximize"])

@@ -1,0 +1,307 @@
+"""The core contract: ``Optimizer`` (a pair of pure functions) and the elementwise-optimizer engine.
+
+``update(params, grads, state, *, donate=False, **extra) -> (params, state)``:
+
+- pure by default: inputs are never modified; new tensors are returned (leaves that are not
+  updated are returned as the same objects);
+- ``donate=True`` lets the optimizer overwrite ``params`` and the state's tensors in place (the
+  torch.optim adapter's mode: one copy of the optimizer state in memory). The returned values are
+  authoritative either way; ``grads`` are never modified;
+- unknown ``**extra`` keywords are accepted and ignored, so combinators can pass things such as
+  ``loss_fn`` to whichever optimizer needs them.
+
+Every check (structure, shapes, state layout) happens before any tensor is written, so a bad call
+never leaves anything half-updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import _tree
+from .hyperparams import (
+    HPARAMS_KEY,
+    Range,
+    check_hyperparam,
+    init_hyperparams,
+    resolve_hyperparams,
+)
+from .kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
+
+PyTree = Any
+State = dict
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class Optimizer:
+    """A functim optimizer: pure ``init_state(params)`` and ``update(params, grads, state)``.
+
+    Build ad-hoc ones with :meth:`from_functions`; the library's optimizers are subclasses.
+    """
+
+    name: str = "optimizer"
+
+    def init_state(self, params: PyTree) -> State:
+        raise NotImplementedError
+
+    def update(
+        self, params: PyTree, grads: PyTree, state: State, *, donate: bool = False, **extra: Any
+    ) -> tuple[PyTree, State]:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_functions(init_state: Callable, update: Callable, name: str = "custom") -> Optimizer:
+        """Wrap two functions as an Optimizer. ``update`` must accept ``donate`` and ``**extra``."""
+        return _FunctionPair(init_state, update, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class _FunctionPair(Optimizer):
+    def __init__(self, init_state, update, name):
+        self._init, self._update, self.name = init_state, update, name
+
+    def init_state(self, params):
+        return self._init(params)
+
+    def update(self, params, grads, state, *, donate=False, **extra):
+        return self._update(params, grads, state, donate=donate, **extra)
+
+
+def state_device(leaves: Sequence[Any]) -> torch.device:
+    """Where the scalar state (step, hyperparameters) lives: with the first parameter."""
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def check_state_keys(owner: str, state: Any, expected: Sequence[str]) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{owner}: state must be a dict made by {owner}.init_state, got "
+                        f"{type(state).__name__}")
+    got, want = set(state), set(expected)
+    if got != want:
+        raise ValueError(
+            f"{owner}: this state was not made by {owner}.init_state (or by another "
+            f"configuration of it): expected keys {sorted(want)}, got {sorted(got)}"
+        )
+
+
+def decay_flags(mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
+    """Per-leaf weight-decay flags from a mask: None (every leaf decays), a pytree of bools shaped
+    like params, or a callable ``(path, leaf) -> bool``."""
+    if mask is None:
+        return [True] * len(leaves)
+    if callable(mask):
+        return [x is not None and bool(mask(p, x)) for p, x in zip(_tree.paths(params), leaves)]
+    _, flags, _ = _tree.check_same_structure(params, mask, ref_name="params",
+                                             other_name="weight_decay_mask")
+    return [bool(f) for f in flags]
+
+
+class ElementwiseOptimizer(Optimizer):
+    """An optimizer whose maths is one elementwise kernel over lists of leaves.
+
+    ``kernel(ops, params, grads, buffers, hp, step, *, decay, inplace)`` receives lists of one
+    (device, dtype) group, the per-parameter ``buffers`` as ``{name: list}``, the resolved
+    hyperparameters ``hp`` (0-d tensors), ``step`` = the 1-based index of this update (int32
+    tensor), ``decay`` (static: whether weight decay applies to this group) and ``inplace`` (the
+    params and buffers may be overwritten). It returns ``(new_params, {name: new_list})``.
+
+    ``fused_kernel(params, grads, buffers, hp_floats, step, *, decay)`` (optional) is torch's fused
+    implementation of exactly the same maths; only the torch.optim adapter uses it, because it
+    needs Python-float hyperparameters.
+
+    State: ``{"step": int32 0-d, "hyperparams": {name: float64 0-d}, <buffer>: tree like params}``.
+    Buffers are float32 for bfloat16/float16 params and the param dtype otherwise, unless
+    ``state_dtype`` says otherwise.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        hyperparams: Mapping[str, Any],
+        ranges: Mapping[str, Range],
+        buffers: Sequence[str],
+        kernel: Callable,
+        fused_kernel: Callable | None = None,
+        state_dtype: torch.dtype | None = None,
+        weight_decay_mask: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ):
+        self.name = name
+        for k, v in hyperparams.items():
+            check_hyperparam(name, k, v, ranges[k])
+        if state_dtype is not None and not (
+            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+        ):
+            raise TypeError(f"{name}: state_dtype must be a floating torch.dtype, "
+                            f"got {state_dtype!r}")
+        if weight_decay_mask is not None and "weight_decay" not in hyperparams:
+            raise ValueError(f"{name}: weight_decay_mask given but {name} has no weight decay")
+        self.hyperparams = dict(hyperparams)
+        self.ranges = dict(ranges)
+        self.buffer_names = tuple(buffers)
+        self.kernel = kernel
+        self.fused_kernel = fused_kernel
+        self.state_dtype = state_dtype
+        self.weight_decay_mask = weight_decay_mask
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        args = {**self.hyperparams, **self.options}
+        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+
+    # -- state ---------------------------------------------------------------------------
+    def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+    def init_state(self, params: PyTree) -> State:
+        leaves, _ = _tree.flatten(params)
+        for path, x in zip(_tree.paths(params), leaves):
+            if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+                raise TypeError(f"{self.name}: parameter {path!r} must be a floating-point tensor "
+                                f"or None, got {_tree.describe_leaf(x)}")
+        device = state_device(leaves)
+        state: State = {
+            "step": torch.zeros((), dtype=torch.int32, device=device),
+            HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
+        }
+        for b in self.buffer_names:
+            state[b] = _tree.map_tree(
+                lambda p: torch.zeros_like(p, dtype=self.buffer_dtype(p.dtype),
+                                           memory_format=torch.preserve_format), params)
+        return state
+
+    def _check_state(self, params, p_leaves, state) -> dict[str, list]:
+        check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffer_names])
+        stored = state[HPARAMS_KEY]
+        if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
+            got = sorted(stored) if isinstance(stored, Mapping) else stored
+            raise ValueError(f"{self.name}: state['{HPARAMS_KEY}'] must have "
+                             f"{sorted(self.hyperparams)}, got {got}")
+        bufs = {}
+        for b in self.buffer_names:
+            try:
+                _, leaves, _ = _tree.check_same_structure(
+                    params, state[b], ref_name="params", other_name=f"state[{b!r}]")
+            except ValueError as e:
+                raise ValueError(
+                    f"{self.name}: {e} (was the state made for other params?)") from None
+            for i, (p, s) in enumerate(zip(p_leaves, leaves)):
+                if p is None:
+                    continue
+                if not isinstance(s, torch.Tensor) or s.shape != p.shape:
+                    raise ValueError(
+                        f"{self.name}: state[{b!r}] at {_tree.leaf_paths_on_error(params, i)!r} is "
+                        f"{_tree.describe_leaf(s)}, expected shape {tuple(p.shape)} like the param")
+            bufs[b] = leaves
+        return bufs
+
+    # -- update --------------------------------------------------------------------------
+    def update(self, params, grads, state, *, donate: bool = False, **extra):
+        p_leaves, g_leaves, spec = _tree.check_same_structure(
+            params, grads, ref_name="params", other_name="grads")
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+            if g is None:
+                continue
+            if p is None or not isinstance(g, torch.Tensor) or g.shape != p.shape:
+                raise ValueError(
+                    f"{self.name}: grad at {_tree.leaf_paths_on_error(params, i)!r} is "
+                    f"{_tree.describe_leaf(g)}, expected "
+                    + ("None (the param is None)" if p is None else
+                       f"a tensor of shape {tuple(p.shape)} or None"))
+            if not g.is_floating_point():
+                raise TypeError(f"{self.name}: grad at {_tree.leaf_paths_on_error(params, i)!r} "
+                                f"must be floating point, got {g.dtype}")
+        bufs = self._check_state(params, p_leaves, state)
+        step = state["step"]
+        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
+        decay = decay_flags(self.weight_decay_mask, params, p_leaves, spec)
+        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, hp, step + 1, decay,
+                                           donate=donate)
+        new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
+        for b in self.buffer_names:
+            new_state[b] = _tree.unflatten(spec, new_bufs[b])
+        return _tree.unflatten(spec, new_p), new_state
+
+    def step_leaves(
+        self,
+        p_leaves: list,
+        g_leaves: list,
+        bufs: dict[str, list],
+        hp: Mapping[str, torch.Tensor],
+        step: torch.Tensor,
+        decay: list[bool],
+        *,
+        donate: bool,
+        host_hp: Mapping[str, float] | None = None,
+        fused: bool = False,
+    ) -> tuple[list, dict[str, list]]:
+        """One update on flat leaf lists (``None`` = skip that leaf). ``step`` is the 1-based index
+        of this update. Used by :meth:`update` and directly by the torch.optim adapter.
+
+        ``host_hp``: the same hyperparameters as Python floats, when the caller has them on the
+        host (the adapter's param groups). Then a weight decay of exactly 0 skips its pass over
+        the params, and ``fused=True`` may use ``fused_kernel`` (donated mode only)."""
+        if host_hp is not None and host_hp.get("weight_decay", 1.0) == 0.0:
+            decay = [False] * len(decay)
+        active = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
+                  if p is not None and g is not None]
+        new_p = list(p_leaves)
+        new_bufs = {b: list(v) for b, v in bufs.items()}
+        if not active:
+            return new_p, new_bufs
+        names = self.buffer_names
+        ps = [p_leaves[i] for i in active]
+        lists = [ps, [g_leaves[i] for i in active]] + [[bufs[b][i] for i in active] for b in names]
+        # group key: (device, param dtype) then split by buffer dtype and decay flag
+        per_tensor = needs_per_tensor(*lists[:2], scalars=list(hp.values()))
+        ops = ListOps(per_tensor=per_tensor)
+        for (device, pdtype), sub, idx in group_by_device_and_dtype(lists):
+            buckets: dict[tuple, list[int]] = {}
+            for j, k in enumerate(idx):
+                bdt = sub[2][j].dtype if names else pdtype
+                buckets.setdefault((bdt, decay[active[k]]), []).append(j)
+            for (bdtype, dec), js in buckets.items():
+                p = [sub[0][j] for j in js]
+                g = [sub[1][j] for j in js]
+                b = {n: [sub[2 + m][j] for j in js] for m, n in enumerate(names)}
+                out_p, out_b = self._run_group(ops, p, g, b, hp, step, device, bdtype, dec,
+                                               donate, host_hp if fused else None)
+                for j, op_, in zip(js, out_p):
+                    new_p[active[idx[j]]] = op_
+                for n in names:
+                    for j, t in zip(js, out_b[n]):
+                        new_bufs[n][active[idx[j]]] = t
+        return new_p, new_bufs
+
+    def _run_group(self, ops, p, g, b, hp, step, device, work_dtype, decay, donate, fused_hp):
+        hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
+        if step.device != device:
+            step = step.to(device)
+        mixed = p[0].dtype != work_dtype
+        if (fused_hp is not None and donate and not mixed and not ops.per_tensor
+                and self.fused_kernel is not None and device.type in ("cpu", "cuda")
+                and all(x.dtype == work_dtype for x in g)):
+            self.fused_kernel(p, g, b, fused_hp, step, decay=decay)
+            return p, b
+        pw = [x.to(work_dtype) for x in p] if mixed else p
+        gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in g]
+        out_p, out_b = self.kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
+        if mixed:
+            if donate and not ops.per_tensor:
+                torch._foreach_copy_(p, out_p)
+                out_p = p
+            else:
+                out_p = [x.to(q.dtype) for x, q in zip(out_p, p)]
+        return out_p, out_b

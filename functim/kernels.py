@@ -1,0 +1,131 @@
+"""Multi-tensor elementwise kernels: the one place that chooses how list-of-tensor math executes.
+
+Every elementwise optimizer writes its maths once against :class:`ListOps`. The same definition
+runs three ways, chosen here and nowhere else:
+
+- ``foreach`` (default, eager and ``torch.compile``): ``torch._foreach_*`` kernels over leaves
+  grouped by (device, dtype), like torch.optim's foreach paths;
+- ``per_tensor``: a loop of ordinary out-of-place ops, used under ``torch.func`` transforms
+  (``vmap``/``grad``/``jvp``; no foreach op has a vmap batching rule, and ``grad`` into a 0-d
+  tensor scalar of a foreach op fails) and whenever autograd records the update (a
+  differentiable optimizer step);
+- and, per op, *pure* (a new list, inputs untouched) or *in place* (the first argument is
+  overwritten). Optimizers ask for in-place writes on their state and params only when the caller
+  donated them (``update(..., donate=True)``, the torch.optim adapter's mode) and on temporaries
+  they own; in ``per_tensor`` mode everything is out of place.
+
+Scalars may be Python floats or 0-d tensors (hyperparameters live in the state as 0-d float64
+tensors, so changing the learning rate never recompiles and never syncs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+Scalar = Union[float, torch.Tensor]
+TensorList = list[torch.Tensor]
+
+
+def under_torch_func() -> bool:
+    """True exactly when running inside a torch.func transform (vmap, grad, jvp, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def needs_per_tensor(*lists: Sequence[torch.Tensor], scalars: Sequence = ()) -> bool:
+    """Whether the foreach path must be avoided: inside torch.func, or when autograd records."""
+    if under_torch_func():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in scalars:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return any(t.requires_grad for lst in lists for t in lst)
+
+
+def _per_elem(args, i):
+    return [a[i] if isinstance(a, (list, tuple)) else a for a in args]
+
+
+class ListOps:
+    """Elementwise ops on lists of same-device, same-dtype tensors.
+
+    Methods take ``inplace``: when True (and the path allows it) the first list is overwritten
+    and returned; otherwise a new list is returned and the inputs are untouched.
+    """
+
+    def __init__(self, per_tensor: bool):
+        self.per_tensor = per_tensor
+
+    def _run(self, name: str, xs: TensorList, *args, inplace: bool = False) -> TensorList:
+        if not xs:
+            return xs
+        if self.per_tensor:
+            fn = getattr(torch, name)
+            return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
+        if inplace:
+            getattr(torch, f"_foreach_{name}_")(xs, *args)
+            return xs
+        return list(getattr(torch, f"_foreach_{name}")(xs, *args))
+
+    # -- binary / scalar ops -------------------------------------------------------------
+    def mul(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
+        return self._run("mul", xs, other, inplace=inplace)
+
+    def div(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
+        return self._run("div", xs, other, inplace=inplace)
+
+    def add(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
+        """``x + other`` (``other``: list, float, or 0-d tensor)."""
+        return self._run("add", xs, other, inplace=inplace)
+
+    def lerp(self, xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False):
+        """``x + weight·(y - x)``; a tensor weight is broadcast to every leaf."""
+        if isinstance(weight, torch.Tensor) and not self.per_tensor:
+            weight = [weight] * len(xs)
+        return self._run("lerp", xs, ys, weight, inplace=inplace)
+
+    def maximum(self, xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
+        return self._run("maximum", xs, ys, inplace=inplace)
+
+    def addcdiv(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False):
+        """``x + a/b``."""
+        return self._run("addcdiv", xs, a, b, inplace=inplace)
+
+    def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False):
+        """``x + a·b``."""
+        return self._run("addcmul", xs, a, b, inplace=inplace)
+
+    # -- unary ops -----------------------------------------------------------------------
+    def neg(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
+        return self._run("neg", xs, inplace=inplace)
+
+    def sqrt(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
+        return self._run("sqrt", xs, inplace=inplace)
+
+    def sign(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
+        return self._run("sign", xs, inplace=inplace)
+
+    def copy(self, xs: TensorList) -> TensorList:
+        return [x.clone() for x in xs]
+
+
+def group_by_device_and_dtype(
+    lists: Sequence[Sequence[torch.Tensor | None]],
+) -> list[tuple[tuple[torch.device, torch.dtype], list[list], list[int]]]:
+    """Split parallel lists into runs with the same (device, dtype) as the first list.
+
+    Returns ``[(key, [sublist per input list], indices into the original lists)]``.
+    """
+    if not lists or not lists[0]:
+        return []
+    first = lists[0]
+    key0 = (first[0].device, first[0].dtype)
+    if all((t.device, t.dtype) == key0 for t in first):
+        return [(key0, [list(lst) for lst in lists], list(range(len(first))))]
+    grouped = _group_tensors_by_device_and_dtype([list(lst) for lst in lists], with_indices=True)
+    return [(key, sub, idx) for key, (sub, idx) in grouped.items()]

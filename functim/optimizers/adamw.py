@@ -1,0 +1,93 @@
+"""AdamW, following torch.optim.AdamW (algorithms.md §1).
+
+Choices (algorithms.md §15.1): ε outside the square root (EPS_OUT, as torch/optax); decoupled,
+lr-coupled weight decay ``p ← p·(1 − η·λ)`` applied before the step (torch); ``amsgrad`` keeps the
+running max of the *raw* second moment (torch); ``maximize`` negates the gradient first.
+Bias corrections are computed in float64 from the step tensor (no host sync).
+
+Moments are float32 for bfloat16/float16 params (``state_dtype`` overrides); torch.optim keeps
+them in the param dtype.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..base import ElementwiseOptimizer
+from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
+
+
+def _adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, maximize):
+    lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
+    if maximize:
+        g = ops.neg(g)
+    m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
+    g2 = ops.mul(g, g)
+    v = ops.lerp(b["exp_avg_sq"], g2, 1 - beta2, inplace=inplace)
+    new_b = {"exp_avg": m, "exp_avg_sq": v}
+    second = v
+    if amsgrad:
+        second = new_b["max_exp_avg_sq"] = ops.maximum(b["max_exp_avg_sq"], v, inplace=inplace)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    # denom = -(bc1/lr)·(sqrt(v)/sqrt(bc2) + eps), so that p + m/denom is the Adam step
+    denom = ops.sqrt(second)
+    denom = ops.div(denom, torch.sqrt(bc2), inplace=True)
+    denom = ops.add(denom, hp["eps"], inplace=True)
+    denom = ops.div(denom, -lr / bc1, inplace=True)
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        p = ops.addcdiv(p, m, denom, inplace=True)
+    else:
+        p = ops.addcdiv(p, m, denom, inplace=inplace)
+    return p, new_b
+
+
+def _adamw_fused(p, g, b, hp, step, *, decay, amsgrad, maximize):
+    # torch's fused kernel implements exactly the maths above; it reads one step per tensor.
+    steps = [step.to(torch.float32)] * len(p)
+    torch._fused_adamw_(
+        p, g, b["exp_avg"], b["exp_avg_sq"], b.get("max_exp_avg_sq", []), steps,
+        lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"],
+        weight_decay=hp["weight_decay"] if decay else 0.0, eps=hp["eps"],
+        amsgrad=amsgrad, maximize=maximize,
+    )
+
+
+def adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.9, 0.999),
+    eps: ScalarOrSchedule = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    *,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """AdamW with torch.optim.AdamW semantics and defaults.
+
+    ``weight_decay_mask``: a pytree of bools like params, or a callable ``(path, param) -> bool``
+    (e.g. :func:`functim.default_weight_decay_mask`) choosing which leaves decay.
+    """
+    beta1, beta2 = check_betas("adamw", betas)
+    for name, flag in (("amsgrad", amsgrad), ("maximize", maximize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"adamw: {name!r} must be a bool, got {flag!r}")
+    flags = {"amsgrad": amsgrad, "maximize": maximize}
+    return ElementwiseOptimizer(
+        "adamw",
+        hyperparams={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+                     "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+                "weight_decay": NONNEGATIVE},
+        buffers=("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()),
+        kernel=partial(_adamw_kernel, **flags),
+        fused_kernel=partial(_adamw_fused, **flags),
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+        options=flags,
+    )

@@ -1,0 +1,72 @@
+"""SGD with momentum, dampening, Nesterov and (coupled, L2) weight decay, as torch.optim.SGD.
+
+Follows ``torch.optim.sgd``: ``g ← −g`` if maximize; ``g ← g + λ·p``; the momentum buffer is
+``g`` itself on the first step and ``μ·buf + (1 − dampening)·g`` afterwards (written without a
+branch: the weight on ``g`` is 1 at step 1); Nesterov uses ``g + μ·buf``; ``p ← p − η·g``.
+
+The momentum buffer exists only when ``momentum`` is not the constant 0 (as torch, which stores
+``None``); with ``momentum=0`` the state has no buffer and its ``momentum`` entry has no effect.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..base import ElementwiseOptimizer
+from ..hyperparams import NONNEGATIVE, ScalarOrSchedule
+
+
+def _sgd_kernel(ops, p, g, b, hp, step, *, decay, inplace, has_momentum, nesterov, maximize):
+    lr = hp["lr"]
+    if maximize:
+        g = ops.neg(g)
+    if decay:
+        g = ops.add(ops.mul(p, hp["weight_decay"]), g, inplace=True)
+    new_b = {}
+    if has_momentum:
+        mu = hp["momentum"]
+        g_weight = torch.where(step == 1, torch.ones_like(mu), 1 - hp["dampening"])
+        buf = ops.mul(b["momentum_buffer"], mu, inplace=inplace)
+        buf = ops.add(buf, ops.mul(g, g_weight), inplace=True)
+        new_b["momentum_buffer"] = buf
+        g = ops.add(ops.mul(buf, mu), g, inplace=True) if nesterov else buf
+    p = ops.add(p, ops.mul(g, -lr), inplace=inplace)
+    return p, new_b
+
+
+def sgd(
+    lr: ScalarOrSchedule = 1e-3,
+    momentum: ScalarOrSchedule = 0.0,
+    dampening: ScalarOrSchedule = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """SGD with torch.optim.SGD semantics and defaults."""
+    for name, flag in (("nesterov", nesterov), ("maximize", maximize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"sgd: {name!r} must be a bool, got {flag!r}")
+    has_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
+    if nesterov and (not has_momentum or not (
+            isinstance(dampening, (int, float)) and dampening == 0)):
+        raise ValueError("sgd: nesterov=True requires momentum > 0 and dampening = 0 "
+                         f"(got momentum={momentum!r}, dampening={dampening!r})")
+    flags = {"has_momentum": has_momentum, "nesterov": nesterov, "maximize": maximize}
+    return ElementwiseOptimizer(
+        "sgd",
+        hyperparams={"lr": lr, "momentum": momentum, "dampening": dampening,
+                     "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "momentum": NONNEGATIVE, "dampening": NONNEGATIVE,
+                "weight_decay": NONNEGATIVE},
+        buffers=("momentum_buffer",) if has_momentum else (),
+        kernel=partial(_sgd_kernel, **flags),
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+        options={"nesterov": nesterov, "maximize": maximize},
+    )
