@@ -198,7 +198,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError(f"{opt.name}: sparse gradients are not supported")
-        key = tuple(g is not None for g in grads) if None in grads else None
+        key = tuple(g is not None for g in grads) if any(g is None for g in grads) else None
         cache = self._caches.get(gi)
         if cache is None or cache["key"] != key:
             cache = self._build_cache(gi, group, opt, grads, key)
@@ -226,8 +226,8 @@ class FunctimOptimizer(torch.optim.Optimizer):
                     if new is not old:
                         self.state[p][b] = new
                 sub["buffers"][b] = lst
-            torch._foreach_add_(sub["steps"], 1.0)
             sub["step"] += 1
+            sub["step_shared"].fill_(sub["step"])
 
     def _build_cache(self, gi, group, opt, grads, key):
         params = group["params"]
@@ -244,9 +244,13 @@ class FunctimOptimizer(torch.optim.Optimizer):
         subgroups = []
         for v, idx in by_step.items():
             ps = [params[i] for i in idx]
+            # params that step together share one step tensor (one increment per step instead
+            # of one per param); torch's per-param "step" entries stay in place
+            shared = torch.tensor(v, dtype=torch.float32)
+            for p in ps:
+                self.state[p]["step"] = shared
             subgroups.append({
-                "index": idx, "params": ps, "step": int(v),
-                "steps": [self.state[p]["step"] for p in ps],
+                "index": idx, "params": ps, "step": int(v), "step_shared": shared,
                 "buffers": {b: [self.state[p][b] for p in ps] for b in opt.buffer_names},
                 "decay": [decay_all[i] for i in idx],
                 "hp": {k: torch.zeros((), dtype=HPARAM_DTYPE, device=device)

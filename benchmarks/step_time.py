@@ -367,6 +367,14 @@ def thp_sysfs() -> str:
         return "unknown"
 
 
+def load_average() -> str:
+    """Other processes on the machine distort timings; reported so a reader can tell."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--case", choices=("A", "B", "both"), default="both")
@@ -398,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads: {threads} (torch.get_num_threads in workers), cpus: {os.cpu_count()}")
     print(f"THP_MEM_ALLOC_ENABLE: {os.environ.get('THP_MEM_ALLOC_ENABLE', '<not set>')}; "
           f"kernel THP mode: {thp_sysfs()}")
-    if ADAPTERS_ERROR:
+    print(f"load average (1/5/15 min): {load_average()}")
+    if ADAPTERS_ERROR and "adapter" in impls:
         print(f"note: {ADAPTERS_ERROR}")
     if args.thp_compare and os.environ.get("THP_MEM_ALLOC_ENABLE"):
         print("note: THP_MEM_ALLOC_ENABLE is already set here, so --thp-compare rows match "
@@ -437,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rel > 1e-3:
                     warnings.append(f"case {case} {r['label']}: sum|p - p0| = {r['moved']:.6g} "
                                     f"vs {ref['moved']:.6g} for {REFERENCE} (rel diff {rel:.2e})")
+    print(f"\nload average after the run (1/5/15 min): {load_average()}")
     print("\n" + markdown_table(rows))
     for w in warnings:
         print("WARNING: different result: " + w)
