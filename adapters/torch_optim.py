@@ -117,11 +117,11 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 param_group["params"] = [p for _, p in items]
             else:
                 param_group = dict(param_group, params=items)
+        if hasattr(self, "_caches"):  # validate before torch appends the group
+            self._validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         if hasattr(self, "_caches"):
-            group = self.param_groups[-1]
-            self._validate_group(group)
-            self._init_group_state(len(self.param_groups) - 1, group)
+            self._init_group_state(len(self.param_groups) - 1, self.param_groups[-1])
 
     def _names(self, gi: int, group: dict) -> list[str]:
         names = group.get("param_names")
@@ -157,15 +157,16 @@ class FunctimOptimizer(torch.optim.Optimizer):
             for p in params:
                 self.state[p].setdefault(path, t.clone())
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts floating state to the param dtype; functim keeps the saved dtype
-        if key == "step":
-            return value
-        return value.to(device=param.device)
-
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        # torch casts floating state to the param dtype (float32 moments of a bfloat16 param
+        # would become bfloat16); put back the saved tensors with their own dtype
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for k, v in saved.get(pid, {}).items():
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        self.state[p][k] = v.to(device=p.device)
         self._caches.clear()
         self._init_all_state()
 

@@ -80,11 +80,52 @@ def check_same_structure(
         if extra:
             detail.append(f"not in {ref_name}: {extra[:5]}")
         if not detail:
-            detail.append(f"{ref_name} is {ref_spec}, {other_name} is {other_spec}")
+            where = _first_container_difference(reference, other)
+            detail.append(f"at {where!r}: " if where is not None else "")
+            detail[-1] += f"{ref_name} is {ref_spec}, {other_name} is {other_spec}"
         raise ValueError(
             f"{other_name} must have the same tree structure as {ref_name}; " + "; ".join(detail)
         )
     return ref_leaves, other_leaves, ref_spec
+
+
+def check_grads(owner: str, params: PyTree, grads: PyTree) -> tuple[list, list, optree.PyTreeSpec]:
+    """Grads must have the params' structure, a floating tensor of the param's shape (or None) at
+    every leaf, and None where the param is None. Returns (param leaves, grad leaves, spec)."""
+    p_leaves, g_leaves, spec = check_same_structure(
+        params, grads, ref_name="params", other_name="grads")
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+        if g is None:
+            continue
+        if p is None or not isinstance(g, torch.Tensor) or g.shape != p.shape:
+            raise ValueError(
+                f"{owner}: grad at {leaf_paths_on_error(params, i)!r} is {describe_leaf(g)}, "
+                "expected " + ("None (the param is None)" if p is None else
+                               f"a tensor of shape {tuple(p.shape)} or None"))
+        if not g.is_floating_point():
+            raise TypeError(f"{owner}: grad at {leaf_paths_on_error(params, i)!r} must be "
+                            f"floating point, got {g.dtype}")
+    return p_leaves, g_leaves, spec
+
+
+def _first_container_difference(a: PyTree, b: PyTree, prefix: str = "") -> str | None:
+    """The dotted path of the first node whose container type or keys differ."""
+    spec_a = optree.tree_structure(a, none_is_leaf=_NONE_IS_LEAF)
+    spec_b = optree.tree_structure(b, none_is_leaf=_NONE_IS_LEAF)
+    if spec_a == spec_b:
+        return None
+    if spec_a.is_leaf() or spec_b.is_leaf() or spec_a.type != spec_b.type \
+            or spec_a.num_children != spec_b.num_children:
+        return prefix or "<root>"
+    keys = spec_a.entries()
+    if keys != spec_b.entries():
+        return prefix or "<root>"
+    for k, ca, cb in zip(keys, optree.tree_flatten_one_level(a, none_is_leaf=True)[0],
+                         optree.tree_flatten_one_level(b, none_is_leaf=True)[0]):
+        found = _first_container_difference(ca, cb, f"{prefix}.{k}" if prefix else str(k))
+        if found is not None:
+            return found
+    return prefix or "<root>"
 
 
 def leaf_paths_on_error(tree: PyTree, index: int) -> str:

@@ -53,6 +53,11 @@ class Optimizer:
     ) -> tuple[PyTree, State]:
         raise NotImplementedError
 
+    def validate(self, params: PyTree, grads: PyTree, state: State) -> None:
+        """Raise ValueError/TypeError if ``update`` would reject these inputs; modifies nothing.
+        Combinators call it on every child before any child writes (nothing is half-updated)."""
+        _tree.check_grads(self.name, params, grads)
+
     @staticmethod
     def from_functions(init_state: Callable, update: Callable, name: str = "custom") -> Optimizer:
         """Wrap two functions as an Optimizer. ``update`` must accept ``donate`` and ``**extra``."""
@@ -208,21 +213,12 @@ class ElementwiseOptimizer(Optimizer):
         return bufs
 
     # -- update --------------------------------------------------------------------------
+    def validate(self, params, grads, state) -> None:
+        p_leaves, _, _ = _tree.check_grads(self.name, params, grads)
+        self._check_state(params, p_leaves, state)
+
     def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_same_structure(
-            params, grads, ref_name="params", other_name="grads")
-        for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
-            if g is None:
-                continue
-            if p is None or not isinstance(g, torch.Tensor) or g.shape != p.shape:
-                raise ValueError(
-                    f"{self.name}: grad at {_tree.leaf_paths_on_error(params, i)!r} is "
-                    f"{_tree.describe_leaf(g)}, expected "
-                    + ("None (the param is None)" if p is None else
-                       f"a tensor of shape {tuple(p.shape)} or None"))
-            if not g.is_floating_point():
-                raise TypeError(f"{self.name}: grad at {_tree.leaf_paths_on_error(params, i)!r} "
-                                f"must be floating point, got {g.dtype}")
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
         bufs = self._check_state(params, p_leaves, state)
         step = state["step"]
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)

@@ -135,12 +135,20 @@ class Chain(Optimizer):
         return {"transforms": [t.init_state(params) for t in self.transforms],
                 "optimizer": self.optimizer.init_state(params)}
 
-    def update(self, params, grads, state, *, donate=False, **extra):
+    def _check(self, params, grads, state):
         check_state_keys(self.name, state, ["transforms", "optimizer"])
         if len(state["transforms"]) != len(self.transforms):
             raise ValueError(f"chain: state has {len(state['transforms'])} transform states, "
                              f"this chain has {len(self.transforms)} transforms")
-        _tree.check_same_structure(params, grads, ref_name="params", other_name="grads")
+        _tree.check_grads(self.name, params, grads)
+
+    def validate(self, params, grads, state):
+        self._check(params, grads, state)
+        self.optimizer.validate(params, grads, state["optimizer"])
+
+    def update(self, params, grads, state, *, donate=False, **extra):
+        # transforms are pure; the optimizer validates its own inputs before writing
+        self._check(params, grads, state)
         step = _find_step(state["optimizer"])
         new_t = []
         for t, s in zip(self.transforms, state["transforms"]):
@@ -229,11 +237,21 @@ class Partition(Optimizer):
             lab: o.init_state(self._masked(params, spec, leaves, labels, lab))
             for lab, o in self.optimizers.items()}}
 
-    def update(self, params, grads, state, *, donate=False, **extra):
+    def validate(self, params, grads, state):
         check_state_keys(self.name, state, ["partition"])
         check_state_keys(self.name + " labels", state["partition"], list(self.optimizers))
-        p_leaves, g_leaves, spec = _tree.check_same_structure(
-            params, grads, ref_name="params", other_name="grads")
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        labels = self._labels(params)
+        for lab, o in self.optimizers.items():
+            o.validate(self._masked(params, spec, p_leaves, labels, lab),
+                       self._masked(grads, spec, g_leaves, labels, lab), state["partition"][lab])
+
+    def update(self, params, grads, state, *, donate=False, **extra):
+        if donate:  # check every label before the first one writes in place
+            self.validate(params, grads, state)
+        check_state_keys(self.name, state, ["partition"])
+        check_state_keys(self.name + " labels", state["partition"], list(self.optimizers))
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
         labels = self._labels(params)
         out = list(p_leaves)
         new_states = {}
@@ -289,12 +307,22 @@ class Accumulate(Optimizer):
             "optimizer": self.optimizer.init_state(params),
         }
 
-    def update(self, params, grads, state, *, donate=False, **extra):
+    def validate(self, params, grads, state):
         check_state_keys(self.name, state, ["micro_step", "grad_sum", "optimizer"])
-        p_leaves, g_leaves, spec = _tree.check_same_structure(
-            params, grads, ref_name="params", other_name="grads")
+        p_leaves, _, _ = _tree.check_grads(self.name, params, grads)
         _, s_leaves, _ = _tree.check_same_structure(
             params, state["grad_sum"], ref_name="params", other_name="state['grad_sum']")
+        for i, (p, s) in enumerate(zip(p_leaves, s_leaves)):
+            if p is not None and (not isinstance(s, torch.Tensor) or s.shape != p.shape):
+                raise ValueError(
+                    f"{self.name}: state['grad_sum'] at {_tree.leaf_paths_on_error(params, i)!r} "
+                    f"is {_tree.describe_leaf(s)}, expected shape {tuple(p.shape)}")
+        self.optimizer.validate(params, grads, state["optimizer"])
+
+    def update(self, params, grads, state, *, donate=False, **extra):
+        self.validate(params, grads, state)
+        _, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        s_leaves, _ = _tree.flatten(state["grad_sum"])
         new_sum = []
         for s, g in zip(s_leaves, g_leaves):
             if s is None or g is None:
@@ -348,10 +376,13 @@ class SkipNonFinite(Optimizer):
         return {"skipped_steps": torch.zeros((), dtype=torch.int32, device=device),
                 "optimizer": inner}
 
+    def validate(self, params, grads, state):
+        check_state_keys(self.name, state, ["skipped_steps", "optimizer"])
+        self.optimizer.validate(params, grads, state["optimizer"])
+
     def update(self, params, grads, state, *, donate=False, **extra):
         check_state_keys(self.name, state, ["skipped_steps", "optimizer"])
-        _, g_leaves, _ = _tree.check_same_structure(
-            params, grads, ref_name="params", other_name="grads")
+        _, g_leaves, _ = _tree.check_grads(self.name, params, grads)
         present = [g for g in g_leaves if g is not None]
         device = state["skipped_steps"].device
         if present:

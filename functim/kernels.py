@@ -64,6 +64,10 @@ class ListOps:
     def _run(self, name: str, xs: TensorList, *args, inplace: bool = False) -> TensorList:
         if not xs:
             return xs
+        # a float64 0-d hyperparameter must not promote a 0-d leaf to float64
+        dtype = xs[0].dtype
+        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype != dtype else a
+                     for a in args)
         if self.per_tensor:
             fn = getattr(torch, name)
             return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
@@ -85,8 +89,8 @@ class ListOps:
 
     def lerp(self, xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False):
         """``x + weight·(y - x)``; a tensor weight is broadcast to every leaf."""
-        if isinstance(weight, torch.Tensor) and not self.per_tensor:
-            weight = [weight] * len(xs)
+        if isinstance(weight, torch.Tensor) and not self.per_tensor and xs:
+            weight = [weight.to(xs[0].dtype)] * len(xs)
         return self._run("lerp", xs, ys, weight, inplace=inplace)
 
     def maximum(self, xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
+from functim.adapters import SGD, AdamW, FunctimOptimizer
 
 import functim as ft
-from functim.adapters import SGD, AdamW, FunctimOptimizer
 
 
 def _model(dtype=torch.float32, seed=0):
