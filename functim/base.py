@@ -124,6 +124,9 @@ class ElementwiseOptimizer(Optimizer):
     needs Python-float hyperparameters.
 
     State: ``{"step": int32 0-d, "hyperparams": {name: float64 0-d}, <buffer>: tree like params}``.
+    One ``step`` counts the updates of the whole tree (optax's convention), so a leaf whose grad
+    was ``None`` on some steps gets the tree's bias correction; the torch.optim adapter keeps
+    torch's per-parameter steps instead.
     Buffers are float32 for bfloat16/float16 params and the param dtype otherwise, unless
     ``state_dtype`` says otherwise.
     """
@@ -159,6 +162,7 @@ class ElementwiseOptimizer(Optimizer):
         self.state_dtype = state_dtype
         self.weight_decay_mask = weight_decay_mask
         self.options = dict(options or {})
+        self._mask_cache: dict = {}
 
     def __repr__(self) -> str:
         args = {**self.hyperparams, **self.options}
@@ -222,13 +226,23 @@ class ElementwiseOptimizer(Optimizer):
         bufs = self._check_state(params, p_leaves, state)
         step = state["step"]
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
-        decay = decay_flags(self.weight_decay_mask, params, p_leaves, spec)
+        decay = self._decay_flags(params, p_leaves, spec)
         new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, hp, step + 1, decay,
                                            donate=donate)
         new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
         for b in self.buffer_names:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
         return _tree.unflatten(spec, new_p), new_state
+
+    def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
+        if self.weight_decay_mask is None:
+            return [True] * len(p_leaves)
+        key = (spec, tuple(None if x is None else tuple(x.shape) for x in p_leaves))
+        flags = self._mask_cache.get(key)
+        if flags is None:
+            flags = self._mask_cache[key] = decay_flags(self.weight_decay_mask, params, p_leaves,
+                                                        spec)
+        return flags
 
     def step_leaves(
         self,
@@ -266,7 +280,7 @@ class ElementwiseOptimizer(Optimizer):
         for (device, pdtype), sub, idx in group_by_device_and_dtype(lists):
             buckets: dict[tuple, list[int]] = {}
             for j, k in enumerate(idx):
-                bdt = sub[2][j].dtype if names else pdtype
+                bdt = sub[2][j].dtype if names else self.buffer_dtype(pdtype)
                 buckets.setdefault((bdt, decay[active[k]]), []).append(j)
             for (bdtype, dec), js in buckets.items():
                 p = [sub[0][j] for j in js]

@@ -106,7 +106,7 @@ def pytrees(
     tensor remains)."""
     n = draw(st.integers(min_leaves, max_leaves))
     dtype = draw(st.sampled_from(dtypes))
-    shapes = [tuple(draw(st.lists(st.integers(1, 5), min_size=int(os.environ.get("TMP_MIN_DIMS", 0)), max_size=3))) for _ in range(n)]
+    shapes = [tuple(draw(st.lists(st.integers(1, 5), max_size=3))) for _ in range(n)]
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     xs: list = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]

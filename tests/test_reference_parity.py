@@ -1,14 +1,17 @@
 """functim.adamw / functim.sgd against torch.optim, and the closed-form AdamW properties.
 
-algorithms.md §1 (AdamW) and §15.2 R2, R3, plus the amsgrad reduction (§1(f).5): tolerances are
-float64 1e-12 relative and float32 1e-6 relative, each with a small absolute floor for elements
-that end near zero.
+algorithms.md §1 (AdamW) and §15.2 R2, R3, plus the amsgrad reduction (§1(f).5).
 
-The absolute floor is ``atol × scale`` where ``scale = max(1, max_t |p_t|)`` is the largest
-magnitude the leaf reached along the reference trajectory: a param that wanders to |p| ≈ 20 and
-comes back to 0.3 carries one rounding error of ulp(20) (≈ 2e-6 in float32), which no relative
-tolerance on the final 0.3 can describe (seen with SGD, lr·|g| ≈ 5 per step). For trajectories that
-stay O(1) this is exactly the plain floor.
+Tolerances: float64 1e-12 relative, float32 1e-6 relative, plus a small absolute floor (float64
+1e-14, float32 1e-7). For params and first-moment buffers (signed running sums) the relative error
+is measured against the element's *trajectory scale* ``S = max_t |x_t|`` (the largest magnitude
+that element had along the reference run), not against its final value:
+``|ours - ref| <= atol + rtol · max(|ref|, S)``. A param that wanders to |p| ≈ 3 and comes back to
+0.04 carries the rounding errors of every step taken at |p| ≈ 3 (≈ 2 ulp(3) ≈ 4e-7 in float32
+after 20 SGD steps, seen with lr·|g| ≈ 0.35 per step), which no relative tolerance on the final
+0.04 can describe; the difference is then only in elements that ended near zero. Where the
+trajectory stays at the final magnitude this is the plain ``rtol·|ref|`` test. Second moments
+are sums of squares (no cancellation) and are compared against their final value only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import functim as ft
 
 N_STEPS = 20
 
-# (rtol, atol) per dtype. atol is a floor for elements near zero: float64 ~ 50 ulp(1),
+# (rtol, atol) per dtype (see the module docstring). atol: float64 ~45 ulp(1),
 # float32 ~ 1 ulp(1).
 TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-6, 1e-7)}
 
@@ -86,18 +89,16 @@ def run_functim(opt, params, grads_seq, *, donate: bool = False):
 
 def run_torch(cls, params, grads_seq, **kw):
     """torch.optim over the non-None leaves. Returns (params, optimizer, scales) where
-    ``scales[name][i]`` = max(1, largest |x| seen along the trajectory) for leaf i of the params
+    ``scales[name][i]`` is the elementwise max of |x| over the trajectory for leaf i of the params
     (name "params") and of each state buffer (see the module docstring)."""
     ps = [torch.nn.Parameter(x.clone()) for x in tensor_leaves(params)]
-    scales: dict[str, list[float]] = {}
+    scales: dict[str, list] = {"params": [p.detach().abs() for p in ps]}
 
     def track(name, i, x):
-        row = scales.setdefault(name, [1.0] * len(ps))
-        row[i] = max(row[i], x.detach().abs().max().item())
+        row = scales.setdefault(name, [torch.zeros_like(p) for p in ps])
+        row[i] = torch.maximum(row[i], x.detach().abs())
 
     opt = cls(ps, **kw)
-    for i, p in enumerate(ps):
-        track("params", i, p)
     for g in grads_seq:
         for p, gi in zip(ps, tensor_leaves(g)):
             p.grad = gi.clone()
@@ -105,20 +106,31 @@ def run_torch(cls, params, grads_seq, **kw):
         for i, p in enumerate(ps):
             track("params", i, p)
             for name, buf in opt.state[p].items():
-                if name != "step" and isinstance(buf, torch.Tensor):
+                if name != "step" and isinstance(buf, torch.Tensor) and buf.shape == p.shape:
                     track(name, i, buf)
     return ps, opt, scales
 
 
 def assert_leaves_close(ours: list, ref: list, dtype: torch.dtype, what: str,
-                        scales: list[float] | None = None) -> None:
+                        scales: list | None = None) -> None:
+    """``|ours - ref| <= atol + rtol·max(|ref|, S)`` elementwise, S = trajectory scale (or 0)."""
     rtol, atol = TOL[dtype]
     assert len(ours) == len(ref)
-    scales = scales or [1.0] * len(ref)
-    for i, (a, b, s) in enumerate(zip(ours, ref, scales)):
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        b = b.detach()
         assert a.dtype == dtype, f"{what}[{i}] dtype {a.dtype} (expected {dtype})"
-        torch.testing.assert_close(a, b.detach(), rtol=rtol, atol=atol * s,
-                                   msg=lambda m, i=i: f"{what}[{i}]: {m}")
+        assert a.shape == b.shape, f"{what}[{i}] shape {a.shape} vs {b.shape}"
+        mag = b.abs() if scales is None else torch.maximum(b.abs(), scales[i])
+        err = (a.double() - b.double()).abs()
+        bound = atol + rtol * mag.double()
+        bad = ~(err <= bound)
+        if bad.any():
+            j = int(torch.argmax(torch.where(bad, err / bound, 0.0).flatten()))
+            raise AssertionError(
+                f"{what}[{i}]: {int(bad.sum())}/{b.numel()} elements off; worst at flat index {j}: "
+                f"ours {a.flatten()[j].item()!r}, ref {b.flatten()[j].item()!r}, "
+                f"|diff| {err.flatten()[j].item():.3g} > bound {bound.flatten()[j].item():.3g} "
+                f"(rtol {rtol}, atol {atol}, scale {mag.flatten()[j].item():.3g})")
 
 
 # -- torch.optim parity -------------------------------------------------------------------------
@@ -137,7 +149,7 @@ def test_adamw_matches_torch(params, hp, seed, scale):
         bufs = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
         for b in bufs:
             ref_b = [ref_opt.state[p][b] for p in ref_ps]
-            # second moments are sums of squares (no cancellation): the plain floor
+            # second moments are sums of squares (no cancellation): their final value
             sc = scales[b] if b == "exp_avg" else None
             assert_leaves_close(tensor_leaves(state[b]), ref_b, dtype, f"{tag} {b}", sc)
 
@@ -273,7 +285,7 @@ def test_bf16_params_keep_dtype_with_float32_state(params, opt, seed, donate):
     assert opt.buffer_names
     for name in opt.buffer_names:
         assert all(b.dtype == torch.float32 for b in tensor_leaves(state[name])), name
-    to32 = lambda t: tree_map(lambda x: x.float(), t)  # noqa: E731
+    to32 = lambda t: tree_map(lambda x: x.float(), t)
     p32, s32 = to32(params), opt.init_state(to32(params))
     p = params
     for g in grads:
@@ -288,9 +300,11 @@ def test_bf16_params_keep_dtype_with_float32_state(params, opt, seed, donate):
 @pytest.mark.parametrize("donate", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_sgd_without_momentum_matches_torch(dtype, donate):
-    """Plain SGD keeps no buffer; on bf16/fp16 params it should still round the step once, as
-    torch.optim.SGD does (``p.add_(g, alpha=-lr)`` computes in float32 and rounds once), and as
-    functim's own momentum SGD does (it computes in the float32 buffer dtype)."""
+    """Plain SGD keeps no buffer; on bf16/fp16 params it still computes in float32 (the buffer
+    dtype it would use) and rounds the new param once, exactly ``(p32 - lr·g32).to(dtype)``.
+    torch.optim.SGD also computes in float32 but its vectorised low-precision kernel rounds a few
+    elements differently (measured: 1 of 1000 here, identically for foreach and for-loop), so
+    against torch the check is torch's own default bf16/fp16 tolerance."""
     gen = torch.Generator().manual_seed(0)
     p0 = torch.randn(1000, generator=gen).to(dtype)
     g = torch.randn(1000, generator=gen).to(dtype)
@@ -298,12 +312,12 @@ def test_low_precision_sgd_without_momentum_matches_torch(dtype, donate):
     opt = ft.sgd(lr=lr)
     new, _ = opt.update({"w": p0.clone()}, {"w": g}, opt.init_state({"w": p0}), donate=donate)
     assert new["w"].dtype == dtype
+    assert torch.equal(new["w"], (p0.float() + g.float() * -lr).to(dtype))
     for foreach in (True, False):
         ref = torch.nn.Parameter(p0.clone())
         ref.grad = g.clone()
         torch.optim.SGD([ref], lr=lr, foreach=foreach).step()
-        mismatched = (new["w"] != ref.detach()).sum().item()
-        assert mismatched == 0, f"{mismatched}/1000 elements differ from torch (foreach={foreach})"
+        torch.testing.assert_close(new["w"], ref.detach())
 
 
 # -- 0-d leaves ---------------------------------------------------------------------------------
@@ -325,7 +339,7 @@ def test_zero_dim_params_keep_dtype(make_opt, dtype, donate):
     for name in opt.buffer_names:
         assert state[name]["scale"].dtype == state[name]["w"].dtype, name
     # the scalar leaf gets bitwise the update of the same value held as a 1-element leaf
-    as_1d = lambda t: {k: v.reshape(-1) for k, v in t.items()}  # noqa: E731
+    as_1d = lambda t: {k: v.reshape(-1) for k, v in t.items()}
     new_1d, _ = opt.update(as_1d(params), as_1d(grads), opt.init_state(as_1d(params)))
     assert torch.equal(new["scale"].reshape(1), new_1d["scale"])
 

@@ -33,15 +33,18 @@ def _adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, maximize):
         second = new_b["max_exp_avg_sq"] = ops.maximum(b["max_exp_avg_sq"], v, inplace=inplace)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
-    # denom = -(bc1/lr)·(sqrt(v)/sqrt(bc2) + eps), so that p + m/denom is the Adam step
     denom = ops.sqrt(second)
     denom = ops.div(denom, torch.sqrt(bc2), inplace=True)
     denom = ops.add(denom, hp["eps"], inplace=True)
-    denom = ops.div(denom, -lr / bc1, inplace=True)
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        p = ops.addcdiv(p, m, denom, inplace=True)
+        inplace = True
+    if ops.per_tensor:
+        # differentiable path: scale the step explicitly so d/d(lr) stays finite at lr = 0
+        p = ops.add(p, ops.mul(ops.div(m, denom), -lr / bc1), inplace=inplace)
     else:
+        # fold -lr/bc1 into the denominator (torch's capturable foreach form): one pass over p
+        denom = ops.div(denom, -lr / bc1, inplace=True)
         p = ops.addcdiv(p, m, denom, inplace=inplace)
     return p, new_b
 
