@@ -36,7 +36,7 @@ Columns:
   affect another. The peak is Linux's VmHWM, reset through ``/proc/self/clear_refs`` just before
   the measured region (falling back to ``ru_maxrss`` where that is not possible);
 - ``dRSS after MB``: the resident memory after the last step minus the same baseline (what stays
-  held: the state, plus whatever the allocator keeps);
+  held: the state, plus freed memory that the C allocator keeps instead of returning it);
 - ``x fused``: median time / median time of ``torch-fused`` on the same case in the same run
   (greater than 1 = slower than torch's fused kernel).
 
@@ -56,6 +56,11 @@ From a source checkout (``functim.adapters`` is registered by hand if it is not 
     cd /work/main && PYTHONPATH=/work/main python benchmarks/step_time.py
     python benchmarks/step_time.py --case A --steps 20 --impl functional-pure,adapter
     python benchmarks/step_time.py --case B --thp-compare --threads 1
+
+Timings are wall-clock: other processes on the machine distort them (with 2 threads on 2 cores,
+one busy core can make a step several times slower), so the load average is printed before and
+after the run, and ``min ms`` is shown next to the median. The first touch of fresh memory can
+be expensive in a VM, which mostly affects the allocating ``functional-pure`` path.
 
 The default run (both cases, all implementations) takes a few minutes on a 2-core machine
 and needs about 5 GB of free memory for case A.

@@ -29,7 +29,7 @@ from .hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from .kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
+from .kernels import ListOps, group_by_device_and_dtype, needs_per_tensor, under_torch_func
 
 PyTree = Any
 State = dict
@@ -120,8 +120,12 @@ class ElementwiseOptimizer(Optimizer):
     params and buffers may be overwritten). It returns ``(new_params, {name: new_list})``.
 
     ``fused_kernel(params, grads, buffers, hp_floats, step, *, decay)`` (optional) is torch's fused
-    implementation of exactly the same maths; only the torch.optim adapter uses it, because it
-    needs Python-float hyperparameters.
+    implementation of exactly the same maths. It needs the hyperparameters as Python floats, so it
+    is used only where they are on the host already: the torch.optim adapter's param groups, and
+    a functional ``update`` on CPU (reading a CPU tensor is a memory read, not a device sync), in
+    eager mode and outside torch.func/autograd. In pure mode the outputs are fresh copies that
+    the fused kernel then updates in place. ``fused=False`` turns it off (functim's multi-tensor
+    kernel everywhere); ``fused=None`` (default) uses it where it applies.
 
     State: ``{"step": int32 0-d, "hyperparams": {name: float64 0-d}, <buffer>: tree like params}``.
     One ``step`` counts the updates of the whole tree (optax's convention), so a leaf whose grad
@@ -142,6 +146,7 @@ class ElementwiseOptimizer(Optimizer):
         fused_kernel: Callable | None = None,
         state_dtype: torch.dtype | None = None,
         weight_decay_mask: Any = None,
+        fused: bool | None = None,
         options: Mapping[str, Any] | None = None,
     ):
         self.name = name
@@ -161,6 +166,11 @@ class ElementwiseOptimizer(Optimizer):
         self.fused_kernel = fused_kernel
         self.state_dtype = state_dtype
         self.weight_decay_mask = weight_decay_mask
+        if fused not in (None, True, False):
+            raise TypeError(f"{name}: fused must be None, True or False, got {fused!r}")
+        if fused and fused_kernel is None:
+            raise ValueError(f"{name}: torch has no fused kernel for this optimizer")
+        self.fused = fused
         self.options = dict(options or {})
         self._mask_cache: dict = {}
 
@@ -180,6 +190,12 @@ class ElementwiseOptimizer(Optimizer):
             if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
                 raise TypeError(f"{self.name}: parameter {path!r} must be a floating-point tensor "
                                 f"or None, got {_tree.describe_leaf(x)}")
+            if x is not None and self.buffer_names and self.state_dtype is not None and \
+                    torch.promote_types(x.dtype, self.state_dtype) != self.state_dtype:
+                raise TypeError(
+                    f"{self.name}: state_dtype={self.state_dtype} cannot hold the {x.dtype} "
+                    f"parameter {path!r}: the update is computed in the state dtype, so it must "
+                    "be at least as precise as every parameter")
         device = state_device(leaves)
         state: State = {
             "step": torch.zeros((), dtype=torch.int32, device=device),
@@ -227,12 +243,26 @@ class ElementwiseOptimizer(Optimizer):
         step = state["step"]
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
         decay = self._decay_flags(params, p_leaves, spec)
+        host_hp = self._host_hparams(hp)
         new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, hp, step + 1, decay,
-                                           donate=donate)
+                                           donate=donate, host_hp=host_hp,
+                                           fused=host_hp is not None and self.fused is not False)
         new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
         for b in self.buffer_names:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
         return _tree.unflatten(spec, new_p), new_state
+
+    def _host_hparams(self, hp: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
+        """The hyperparameters as floats when that costs no device sync and no trace: CPU tensors,
+        eager mode, not under torch.func, not recorded by autograd."""
+        if self.fused_kernel is None or self.fused is False or under_torch_func():
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        for v in hp.values():
+            if v.device.type != "cpu" or v.requires_grad or type(v) is not torch.Tensor:
+                return None
+        return {k: float(v) for k, v in hp.items()}
 
     def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
         if self.weight_decay_mask is None:
@@ -262,7 +292,7 @@ class ElementwiseOptimizer(Optimizer):
 
         ``host_hp``: the same hyperparameters as Python floats, when the caller has them on the
         host (the adapter's param groups). Then a weight decay of exactly 0 skips its pass over
-        the params, and ``fused=True`` may use ``fused_kernel`` (donated mode only)."""
+        the params, and ``fused=True`` may use ``fused_kernel``."""
         if host_hp is not None and host_hp.get("weight_decay", 1.0) == 0.0:
             decay = [False] * len(decay)
         active = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
@@ -299,15 +329,18 @@ class ElementwiseOptimizer(Optimizer):
         hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
         if step.device != device:
             step = step.to(device)
-        mixed = p[0].dtype != work_dtype
-        if (fused_hp is not None and donate and not mixed and not ops.per_tensor
-                and self.fused_kernel is not None and device.type in ("cpu", "cuda")
-                and all(x.dtype == work_dtype for x in g)):
-            self.fused_kernel(p, g, b, fused_hp, step, decay=decay)
-            return p, b
+        mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
         pw = [x.to(work_dtype) for x in p] if mixed else p
         gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in g]
-        out_p, out_b = self.kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
+        if (fused_hp is not None and not ops.per_tensor and self.fused_kernel is not None
+                and device.type in ("cpu", "cuda")):
+            if not donate:  # pure: the fused kernel updates fresh copies
+                pw = pw if mixed else [x.clone() for x in pw]
+                b = {k: [x.clone() for x in v] for k, v in b.items()}
+            self.fused_kernel(pw, gw, b, fused_hp, step, decay=decay)
+            out_p, out_b = pw, b
+        else:
+            out_p, out_b = self.kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
         if mixed:
             if donate and not ops.per_tensor:
                 torch._foreach_copy_(p, out_p)

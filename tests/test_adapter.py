@@ -62,7 +62,8 @@ def test_sgd_matches_torch(kw):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_functional_equals_adapter_bitwise_two_groups_with_scheduler():
+@pytest.mark.parametrize("fused", [None, False])
+def test_functional_equals_adapter_bitwise_two_groups_with_scheduler(fused):
     model = _model()
     names = [n for n, _ in model.named_parameters()]
     first, second = names[:2], names[2:]
@@ -70,10 +71,10 @@ def test_functional_equals_adapter_bitwise_two_groups_with_scheduler():
     opt = AdamW([{"params": [(n, params[n]) for n in first]},
                  {"params": [(n, params[n]) for n in second], "lr": 3e-3, "betas": (0.8, 0.99),
                   "weight_decay": 0.0}],
-                lr=1e-2, weight_decay=0.1, fused=False)
+                lr=1e-2, weight_decay=0.1, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * 0.97 ** s)
-    fopts = [ft.adamw(lr=1e-2, weight_decay=0.1),
-             ft.adamw(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.0)]
+    fopts = [ft.adamw(lr=1e-2, weight_decay=0.1, fused=fused),
+             ft.adamw(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.0, fused=fused)]
     fparams = [{n: params[n].detach().clone() for n in grp} for grp in (first, second)]
     fstates = [o.init_state(p) for o, p in zip(fopts, fparams)]
     for x in _batches(8):

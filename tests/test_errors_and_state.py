@@ -668,3 +668,11 @@ def test_adapter_lr0_zero_grad_moves_nothing(fused):
         st = opt.state[p]
         assert float(st["step"]) == 1.0
         assert not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+
+
+def test_state_dtype_less_precise_than_a_param_is_rejected():
+    with pytest.raises(TypeError, match="state_dtype=torch.bfloat16 cannot hold.*'w'"):
+        ft.adamw(state_dtype=torch.bfloat16).init_state({"w": torch.ones(2)})
+    state = ft.adamw(state_dtype=torch.bfloat16).init_state(
+        {"w": torch.ones(2, dtype=torch.bfloat16)})
+    assert state["exp_avg"]["w"].dtype == torch.bfloat16

@@ -70,8 +70,13 @@ def adamw(
     maximize: bool = False,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    fused: bool | None = None,
 ) -> ElementwiseOptimizer:
     """AdamW with torch.optim.AdamW semantics and defaults.
+
+    ``fused``: None (default) runs torch's fused AdamW kernel where the hyperparameters are on the
+    host (CPU state, eager; see :class:`~functim.ElementwiseOptimizer`), False always runs
+    functim's multi-tensor kernel (bitwise identical to ``functim.adapters.AdamW(fused=False)``).
 
     ``weight_decay_mask``: a pytree of bools like params, or a callable ``(path, param) -> bool``
     (e.g. :func:`functim.default_weight_decay_mask`) choosing which leaves decay.
@@ -92,5 +97,6 @@ def adamw(
         fused_kernel=partial(_adamw_fused, **flags),
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
+        fused=fused,
         options=flags,
     )
