@@ -43,6 +43,16 @@ def _named_param_groups(params: Any) -> list[dict]:
     return params
 
 
+def _group_keys(paths) -> dict[str, str]:
+    """Param-group key of each hyperparameter path: its short name where unambiguous."""
+    short: dict[str, int] = {}
+    for path in paths:
+        name = path.rsplit(".", 1)[-1]
+        short[name] = short.get(name, 0) + 1
+    return {path: (path.rsplit(".", 1)[-1] if short[path.rsplit(".", 1)[-1]] == 1 else path)
+            for path in paths}
+
+
 class FunctimOptimizer(torch.optim.Optimizer):
     """Drive any functim :class:`~functim.Optimizer` as a ``torch.optim.Optimizer``.
 
@@ -56,16 +66,16 @@ class FunctimOptimizer(torch.optim.Optimizer):
     the parameter names; plain parameters are named ``"<group>.<index>"``.
     """
 
-    def __init__(self, params: Iterable, optimizer: ft.Optimizer | None = None,
+    def __init__(self, params: Iterable, optimizer: ft.Optimizer,
                  *, fused: bool | None = None, **defaults: Any):
-        if optimizer is None:
-            optimizer = self._default_optimizer(defaults)
         if not isinstance(optimizer, ft.Optimizer):
             raise TypeError("optimizer must be a functim Optimizer, got "
                             f"{type(optimizer).__name__}")
         self._functional = optimizer
         self._fused_default = fused
-        hp = self._hparam_floats(optimizer)
+        hp = self._hparam_defaults(optimizer)
+        self._hparam_names = list(hp)
+        self._hparam_ranges = self._group_key_ranges(optimizer)
         merged = {**hp, **defaults}
         self._caches: dict[int, Any] = {}
         super().__init__(_named_param_groups(params), merged)
@@ -74,20 +84,19 @@ class FunctimOptimizer(torch.optim.Optimizer):
         self._init_all_state()
 
     # -- hooks for named subclasses ------------------------------------------------------
-    def _default_optimizer(self, defaults) -> ft.Optimizer:
-        raise TypeError("FunctimOptimizer(params, optimizer): a functim optimizer is required")
+    @staticmethod
+    def _hparam_defaults(optimizer: ft.Optimizer) -> dict[str, float]:
+        """Group defaults: the functional optimizer's hyperparameters (short names where
+        unambiguous). Named subclasses use torch's keywords instead and return {}."""
+        hp = get_hyperparams(optimizer.init_state({}))
+        keys = _group_keys(hp)
+        return {keys[path]: float(t) for path, t in hp.items()}
 
     @staticmethod
-    def _hparam_floats(optimizer: ft.Optimizer) -> dict[str, float]:
-        hp = get_hyperparams(optimizer.init_state({}))
-        short: dict[str, list[str]] = {}
-        for path in hp:
-            short.setdefault(path.rsplit(".", 1)[-1], []).append(path)
-        out = {}
-        for path, t in hp.items():
-            name = path.rsplit(".", 1)[-1]
-            out[name if len(short[name]) == 1 else path] = float(t)
-        return out
+    def _group_key_ranges(optimizer: ft.Optimizer) -> dict:
+        ranges = optimizer.hyperparam_ranges()
+        keys = _group_keys(ranges)
+        return {keys[path]: r for path, r in ranges.items()}
 
     def _group_optimizer(self, group: dict) -> ft.Optimizer:
         """The functional optimizer for a group (named subclasses build it from static options)."""
@@ -95,16 +104,13 @@ class FunctimOptimizer(torch.optim.Optimizer):
 
     def _group_hparams(self, group: dict) -> dict[str, float]:
         """{short-or-dotted hyperparameter name: value} for this group."""
-        names = self._hparam_floats(self._group_optimizer(group))
-        return {k: group[k] for k in names}
+        return {k: group[k] for k in self._hparam_names}
 
     def _validate_group(self, group: dict) -> None:
         """Group values get the functional core's checks (named subclasses re-run their ctor)."""
-        opt = self._group_optimizer(group)
-        ranges = getattr(opt, "ranges", {})
         for k, v in self._group_hparams(group).items():
-            if k in ranges:
-                check_hyperparam(opt.name, k, v, ranges[k])
+            if k in self._hparam_ranges:
+                check_hyperparam(self._functional.name, k, v, self._hparam_ranges[k])
 
     # -- param groups ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -405,7 +411,7 @@ class AdamW(FunctimOptimizer):
                          foreach=foreach, state_dtype=state_dtype)
 
     @staticmethod
-    def _hparam_floats(optimizer):
+    def _hparam_defaults(optimizer):
         return {}
 
     def _group_optimizer(self, group):
@@ -446,7 +452,7 @@ class SGD(FunctimOptimizer):
                          maximize=maximize, foreach=foreach, state_dtype=state_dtype)
 
     @staticmethod
-    def _hparam_floats(optimizer):
+    def _hparam_defaults(optimizer):
         return {}
 
     def _group_optimizer(self, group):

@@ -58,6 +58,11 @@ class Optimizer:
         Combinators call it on every child before any child writes (nothing is half-updated)."""
         _tree.check_grads(self.name, params, grads)
 
+    def hyperparam_ranges(self) -> dict[str, Range]:
+        """Allowed interval of every hyperparameter, keyed like :func:`functim.get_hyperparams`
+        (so adapters can check values set later, e.g. in a param group)."""
+        return {}
+
     @staticmethod
     def from_functions(init_state: Callable, update: Callable, name: str = "custom") -> Optimizer:
         """Wrap two functions as an Optimizer. ``update`` must accept ``donate`` and ``**extra``."""
@@ -251,6 +256,9 @@ class ElementwiseOptimizer(Optimizer):
         for b in self.buffer_names:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
         return _tree.unflatten(spec, new_p), new_state
+
+    def hyperparam_ranges(self) -> dict[str, Range]:
+        return dict(self.ranges)
 
     def _host_hparams(self, hp: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """The hyperparameters as floats when that costs no device sync and no trace: CPU tensors,

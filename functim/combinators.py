@@ -47,6 +47,13 @@ class GradientTransform:
         """``step``: completed updates of the optimizer it precedes (for schedules)."""
         raise NotImplementedError
 
+    def hyperparam_ranges(self) -> dict:
+        return {}
+
+
+def _prefixed(prefix: str, ranges: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in ranges.items()}
+
 
 def _norms(grads: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
     """Per-tensor vector norms (one multi-tensor kernel per (device, dtype) group)."""
@@ -78,6 +85,9 @@ class _ClipByGlobalNorm(GradientTransform):
     def __init__(self, max_norm: ScalarOrSchedule):
         check_hyperparam(self.name, "max_norm", max_norm, POSITIVE)
         self.max_norm = max_norm
+
+    def hyperparam_ranges(self):
+        return {"max_norm": POSITIVE}
 
     def init_state(self, params):
         leaves, _ = _tree.flatten(params)
@@ -130,6 +140,12 @@ class Chain(Optimizer):
 
     def __repr__(self):
         return f"chain({', '.join(map(repr, self.transforms))}, {self.optimizer!r})"
+
+    def hyperparam_ranges(self):
+        out = _prefixed("optimizer", self.optimizer.hyperparam_ranges())
+        for i, t in enumerate(self.transforms):
+            out.update(_prefixed(f"transforms.{i}", t.hyperparam_ranges()))
+        return out
 
     def init_state(self, params):
         return {"transforms": [t.init_state(params) for t in self.transforms],
@@ -212,6 +228,12 @@ class Partition(Optimizer):
 
     def __repr__(self):
         return f"partition({self.rules!r}, {self.optimizers!r})"
+
+    def hyperparam_ranges(self):
+        out = {}
+        for lab, o in self.optimizers.items():
+            out.update(_prefixed(f"partition.{lab}", o.hyperparam_ranges()))
+        return out
 
     def explain(self, params: PyTree) -> Explanation:
         """Which rule claimed each leaf (raises for unclaimed or doubly-claimed leaves)."""
@@ -298,6 +320,9 @@ class Accumulate(Optimizer):
     def __repr__(self):
         return f"accumulate({self.optimizer!r}, every={self.every})"
 
+    def hyperparam_ranges(self):
+        return _prefixed("optimizer", self.optimizer.hyperparam_ranges())
+
     def init_state(self, params):
         return {
             "micro_step": torch.zeros((), dtype=torch.int32),
@@ -368,6 +393,9 @@ class SkipNonFinite(Optimizer):
 
     def __repr__(self):
         return f"skip_nonfinite({self.optimizer!r})"
+
+    def hyperparam_ranges(self):
+        return _prefixed("optimizer", self.optimizer.hyperparam_ranges())
 
     def init_state(self, params):
         inner = self.optimizer.init_state(params)

@@ -205,3 +205,15 @@ def test_readme_quickstarts_run(tmp_path, monkeypatch):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_generic_adapter_checks_group_hyperparameters():
+    model = _model()
+    opt = FunctimOptimizer(model.named_parameters(),
+                           ft.chain(ft.clip_by_global_norm(1.0), ft.adamw()))
+    extra = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="'lr'"):
+        opt.add_param_group({"params": [("extra", extra)], "lr": -1.0})
+    with pytest.raises(ValueError, match="'max_norm'"):
+        opt.add_param_group({"params": [("extra", extra)], "max_norm": 0.0})
+    assert len(opt.param_groups) == 1

@@ -372,7 +372,7 @@ def test_functim_optimizer_rejects_non_optimizer():
     model = _tiny_model()
     with pytest.raises(TypeError, match="functim Optimizer"):
         FunctimOptimizer(model.parameters(), "not an optimizer")
-    with pytest.raises(TypeError, match="functim"):
+    with pytest.raises(TypeError, match="optimizer"):
         FunctimOptimizer(model.parameters())
     with pytest.raises(TypeError):
         FunctimOptimizer(model.parameters(), torch.optim.SGD)
