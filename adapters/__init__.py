@@ -1,6 +1,6 @@
 """functim.adapters: torch.optim wrappers over the functional core (and, in ``olmo``, OLMo-core
 configs). Depends on ``functim``'s public API only."""
 
-from .torch_optim import SGD, AdamW, FunctimOptimizer
+from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
-__all__ = ["SGD", "AdamW", "FunctimOptimizer"]
+__all__ = ["SGD", "AdamW", "FunctimOptimizer", "NamedAdapter"]

@@ -385,89 +385,117 @@ class _Layout:
 
 
 # -- named classes with torch.optim's signatures ---------------------------------------------
-class AdamW(FunctimOptimizer):
+_NOT_OPTIONS = ("params", "param_names", "initial_lr", "foreach", "fused", "capturable",
+                "differentiable", "weight_decay_mask")
+
+
+class NamedAdapter(FunctimOptimizer):
+    """Base of the named adapters (``AdamW``, ``SGD``, ...): a functional constructor driven by
+    torch-style keyword arguments kept in the param groups.
+
+    Subclasses set ``functional`` (the constructor, e.g. ``staticmethod(ft.adamw)``) and
+    ``static_options`` (group keys that change the state layout or the kernel, e.g. ``amsgrad``);
+    every other group key is a hyperparameter, read from the group at each step. A key named
+    ``betas`` maps to the hyperparameters ``beta1``, ``beta2`` (, ``beta3``). Each group's values
+    are checked by calling the constructor with them, so the messages are the functional core's.
+    """
+
+    functional: Callable[..., ft.Optimizer]
+    static_options: tuple[str, ...] = ()
+
+    def __init__(self, params, *, fused: bool | None = None, weight_decay_mask: Any = None,
+                 **kwargs: Any):
+        self._builders: dict = {}
+        self._wd_mask = weight_decay_mask
+        extra = {"weight_decay_mask": weight_decay_mask} if weight_decay_mask is not None else {}
+        representative = type(self).functional(**kwargs, **extra)  # validates the defaults
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        super().__init__(params, representative, fused=fused, **kwargs)
+
+    @staticmethod
+    def _hparam_defaults(optimizer):
+        return {}
+
+    def _ctor_kwargs(self, group: dict) -> dict:
+        return {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
+
+    def _static_key(self, group: dict) -> tuple:
+        return tuple(group[k] for k in self.static_options)
+
+    def _group_optimizer(self, group: dict) -> ft.Optimizer:
+        key = self._static_key(group)
+        opt = self._builders.get(key)
+        if opt is None:
+            extra = {"weight_decay_mask": self._wd_mask} if self._wd_mask is not None else {}
+            opt = self._builders[key] = type(self).functional(**self._ctor_kwargs(group), **extra)
+        return opt
+
+    def _group_hparams(self, group: dict) -> dict:
+        out = {}
+        for k, v in group.items():
+            if k == "betas":
+                out.update({f"beta{i + 1}": b for i, b in enumerate(v)})
+            elif k not in _NOT_OPTIONS and k not in self.static_options:
+                out[k] = v
+        names = self._group_optimizer(group).hyperparams
+        return {k: v for k, v in out.items() if k in names}
+
+    def _validate_group(self, group: dict) -> None:
+        type(self).functional(**self._ctor_kwargs(group))
+
+
+class AdamW(NamedAdapter):
     """``torch.optim.AdamW``'s signature over :func:`functim.adamw`.
 
     ``fused=None`` (default) uses torch's fused AdamW kernel (the same maths) where it applies
-    (CPU/CUDA, param dtype == state dtype), otherwise functim's multi-tensor kernel;
-    ``fused=False`` always uses functim's kernel, which is bitwise identical to the functional
-    ``ft.adamw(...).update``. ``state_dtype`` and ``weight_decay_mask`` as in :func:`functim.adamw`.
+    (CPU/CUDA), otherwise functim's multi-tensor kernel; ``fused=False`` always uses functim's
+    kernel. Either way the result is bitwise that of ``ft.adamw(..., fused=<same>).update``.
+    ``state_dtype`` and ``weight_decay_mask`` as in :func:`functim.adamw`.
     """
+
+    functional = staticmethod(ft.adamw)
+    static_options = ("amsgrad", "maximize", "state_dtype")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
-        if capturable or differentiable:
-            raise ValueError("functim.adapters.AdamW: capturable/differentiable are not "
-                             "supported; use the functional ft.adamw for differentiable steps")
-        self._builders: dict = {}
-        self._wd_mask = weight_decay_mask
-        ft.adamw(lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                 state_dtype=state_dtype)  # validates the defaults
-        super().__init__(params, ft.adamw(), fused=fused, lr=lr, betas=tuple(betas), eps=eps,
-                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         foreach=foreach, state_dtype=state_dtype)
-
-    @staticmethod
-    def _hparam_defaults(optimizer):
-        return {}
-
-    def _group_optimizer(self, group):
-        key = (group["amsgrad"], group["maximize"], group["state_dtype"])
-        opt = self._builders.get(key)
-        if opt is None:
-            opt = self._builders[key] = ft.adamw(
-                amsgrad=key[0], maximize=key[1], state_dtype=key[2],
-                weight_decay_mask=self._wd_mask)
-        return opt
-
-    def _group_hparams(self, group):
-        b1, b2 = group["betas"]
-        return {"lr": group["lr"], "beta1": b1, "beta2": b2, "eps": group["eps"],
-                "weight_decay": group["weight_decay"]}
-
-    def _validate_group(self, group):
-        ft.adamw(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                 amsgrad=group["amsgrad"], maximize=group["maximize"])
+        _reject_unsupported("AdamW", capturable=capturable, differentiable=differentiable)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
+                         fused=fused, weight_decay_mask=weight_decay_mask)
+        for g in self.param_groups:
+            g.setdefault("foreach", foreach)
 
 
-class SGD(FunctimOptimizer):
+class SGD(NamedAdapter):
     """``torch.optim.SGD``'s signature over :func:`functim.sgd`."""
+
+    functional = staticmethod(ft.sgd)
+    static_options = ("nesterov", "maximize", "state_dtype")
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False,
                  fused: bool | None = None, state_dtype: torch.dtype | None = None,
                  weight_decay_mask: Any = None):
-        if differentiable:
-            raise ValueError("functim.adapters.SGD: differentiable is not supported; use the "
-                             "functional ft.sgd for differentiable steps")
-        self._builders: dict = {}
-        self._wd_mask = weight_decay_mask
-        ft.sgd(lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
-        super().__init__(params, ft.sgd(), fused=fused, lr=lr, momentum=momentum,
-                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                         maximize=maximize, foreach=foreach, state_dtype=state_dtype)
+        _reject_unsupported("SGD", differentiable=differentiable)
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         state_dtype=state_dtype, fused=fused,
+                         weight_decay_mask=weight_decay_mask)
+        for g in self.param_groups:
+            g.setdefault("foreach", foreach)
 
-    @staticmethod
-    def _hparam_defaults(optimizer):
-        return {}
+    def _static_key(self, group):
+        # the momentum buffer exists iff momentum != 0 (as torch), so that is static too
+        return super()._static_key(group) + (group["momentum"] != 0,)
 
-    def _group_optimizer(self, group):
-        # a momentum buffer exists iff momentum != 0 (torch); that is static per group
-        key = (group["momentum"] != 0, group["nesterov"], group["maximize"], group["state_dtype"])
-        opt = self._builders.get(key)
-        if opt is None:
-            opt = self._builders[key] = ft.sgd(
-                momentum=0.9 if key[0] else 0.0, nesterov=key[1], maximize=key[2],
-                state_dtype=key[3], weight_decay_mask=self._wd_mask)
-        return opt
 
-    def _group_hparams(self, group):
-        return {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay")}
-
-    def _validate_group(self, group):
-        ft.sgd(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-               group["nesterov"], maximize=group["maximize"])
+def _reject_unsupported(name: str, **flags: bool) -> None:
+    for flag, value in flags.items():
+        if value:
+            raise ValueError(f"functim.adapters.{name}: {flag}=True is not supported; use the "
+                             f"functional optimizer for differentiable or captured steps")

@@ -78,7 +78,13 @@ class ListOps:
 
     # -- binary / scalar ops -------------------------------------------------------------
     def mul(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
+        """``x · other`` (``other``: a list of tensors — 0-d per-leaf scalars broadcast —, a
+        float, or a 0-d tensor)."""
         return self._run("mul", xs, other, inplace=inplace)
+
+    def sub(self, xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
+        """``x - y`` for two lists."""
+        return self._run("sub", xs, ys, inplace=inplace)
 
     def div(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
         return self._run("div", xs, other, inplace=inplace)
@@ -113,6 +119,23 @@ class ListOps:
 
     def sign(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
         return self._run("sign", xs, inplace=inplace)
+
+    def abs(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
+        return self._run("abs", xs, inplace=inplace)
+
+    def clamp_min(self, xs: TensorList, low: float, *, inplace: bool = False) -> TensorList:
+        return self._run("clamp_min", xs, low, inplace=inplace)
+
+    def clamp_max(self, xs: TensorList, high: float, *, inplace: bool = False) -> TensorList:
+        return self._run("clamp_max", xs, high, inplace=inplace)
+
+    def norm(self, xs: TensorList, ord: float = 2.0) -> TensorList:
+        """Per-leaf vector norm of each whole tensor (a list of 0-d tensors, one pass)."""
+        if not xs:
+            return []
+        if self.per_tensor:
+            return [torch.linalg.vector_norm(x, ord) for x in xs]
+        return list(torch._foreach_norm(xs, ord))
 
     def copy(self, xs: TensorList) -> TensorList:
         return [x.clone() for x in xs]
