@@ -1,6 +1,8 @@
 """functim.adapters: torch.optim wrappers over the functional core (and, in ``olmo``, OLMo-core
 configs). Depends on ``functim``'s public API only."""
 
+from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
-__all__ = ["SGD", "AdamW", "FunctimOptimizer", "NamedAdapter"]
+__all__ = ["SGD", "AdamW", "CautiousAdamW", "CautiousLion", "FunctimOptimizer", "Lion", "NAdamW",
+           "NamedAdapter", "SignSGD", "Signum"]

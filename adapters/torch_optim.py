@@ -153,6 +153,8 @@ class FunctimOptimizer(torch.optim.Optimizer):
                     self.state[p].setdefault(b, st[b][name])
             for p in params:
                 self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+                for name in opt.scalars:
+                    self.state[p].setdefault(name, st[name].clone())
             return
         layout = _Layout(st, tree)
         for path, buf in layout.buffers(st).items():
@@ -220,8 +222,9 @@ class FunctimOptimizer(torch.optim.Optimizer):
                     hp[k].fill_(v)
             sub_grads = [grads[i] for i in sub["index"]]
             sub["step_t"].fill_(sub["step"] + 1)
+            kernel_hp, new_scalars = opt.prepare_scalars(hp, sub["step_t"], sub["scalars"])
             new_p, new_b = opt.step_leaves(
-                sub["params"], sub_grads, sub["buffers"], hp, sub["step_t"], sub["decay"],
+                sub["params"], sub_grads, sub["buffers"], kernel_hp, sub["step_t"], sub["decay"],
                 donate=True, host_hp=None if any(isinstance(v, torch.Tensor) for v in
                                                  host.values()) else host,
                 fused=fused)
@@ -235,6 +238,8 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 sub["buffers"][b] = lst
             sub["step"] += 1
             sub["step_shared"].fill_(sub["step"])
+            for name, value in new_scalars.items():
+                sub["scalars"][name].copy_(value)
 
     def _build_cache(self, gi, group, opt, grads, key):
         params = group["params"]
@@ -254,10 +259,13 @@ class FunctimOptimizer(torch.optim.Optimizer):
             # params that step together share one step tensor (one increment per step instead
             # of one per param); torch's per-param "step" entries stay in place
             shared = torch.tensor(v, dtype=torch.float32)
+            scalars = {n: self.state[ps[0]][n].clone() for n in opt.scalars}
             for p in ps:
                 self.state[p]["step"] = shared
+                self.state[p].update(scalars)
             subgroups.append({
                 "index": idx, "params": ps, "step": int(v), "step_shared": shared,
+                "scalars": scalars,
                 "buffers": {b: [self.state[p][b] for p in ps] for b in opt.buffer_names},
                 "decay": [decay_all[i] for i in idx],
                 "hp": {k: torch.zeros((), dtype=HPARAM_DTYPE, device=device)

@@ -16,7 +16,16 @@ from .combinators import (
     skip_nonfinite,
 )
 from .hyperparams import get_hyperparams, set_hyperparams
-from .optimizers import adamw, sgd
+from .optimizers import (
+    adamw,
+    cautious_adamw,
+    cautious_lion,
+    lion,
+    nadamw,
+    sgd,
+    signsgd,
+    signum,
+)
 from .rules import NO_DECAY_RULES, Rule, default_weight_decay_mask, explain
 from .schedules import (
     Schedule,
@@ -29,7 +38,8 @@ from .schedules import (
 
 __all__ = [
     "NO_DECAY_RULES", "ElementwiseOptimizer", "GradientTransform", "Optimizer", "Rule",
-    "Schedule", "accumulate", "adamw", "chain", "clip_by_global_norm", "constant_schedule",
+    "Schedule", "accumulate", "adamw", "cautious_adamw", "cautious_lion", "lion", "nadamw",
+    "signsgd", "signum", "chain", "clip_by_global_norm", "constant_schedule",
     "cosine_decay", "default_weight_decay_mask", "explain", "get_hyperparams", "global_norm",
     "linear_warmup", "partition", "set_hyperparams", "sgd", "skip_nonfinite", "warmup_cosine",
     "wsd",

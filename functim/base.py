@@ -23,6 +23,7 @@ import torch
 
 from . import _tree
 from .hyperparams import (
+    HPARAM_DTYPE,
     HPARAMS_KEY,
     Range,
     check_hyperparam,
@@ -133,6 +134,11 @@ class ElementwiseOptimizer(Optimizer):
     kernel everywhere); ``fused=None`` (default) uses it where it applies.
 
     State: ``{"step": int32 0-d, "hyperparams": {name: float64 0-d}, <buffer>: tree like params}``.
+    ``scalars`` (optional): extra per-optimizer scalar state, ``{name: initial value}``, stored as
+    0-d float64 tensors next to ``step``; ``prepare(hp, step, scalars) -> (extra_hp,
+    new_scalars)`` runs once per update before the kernel (e.g. torch NAdam's ``mu_product``),
+    and ``extra_hp`` is merged into the kernel's ``hp``.
+
     One ``step`` counts the updates of the whole tree (optax's convention), so a leaf whose grad
     was ``None`` on some steps gets the tree's bias correction; the torch.optim adapter keeps
     torch's per-parameter steps instead.
@@ -152,6 +158,8 @@ class ElementwiseOptimizer(Optimizer):
         state_dtype: torch.dtype | None = None,
         weight_decay_mask: Any = None,
         fused: bool | None = None,
+        scalars: Mapping[str, float] | None = None,
+        prepare: Callable | None = None,
         options: Mapping[str, Any] | None = None,
     ):
         self.name = name
@@ -176,6 +184,8 @@ class ElementwiseOptimizer(Optimizer):
         if fused and fused_kernel is None:
             raise ValueError(f"{name}: torch has no fused kernel for this optimizer")
         self.fused = fused
+        self.scalars = dict(scalars or {})
+        self.prepare = prepare
         self.options = dict(options or {})
         self._mask_cache: dict = {}
 
@@ -206,6 +216,8 @@ class ElementwiseOptimizer(Optimizer):
             "step": torch.zeros((), dtype=torch.int32, device=device),
             HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
         }
+        for name, value in self.scalars.items():
+            state[name] = torch.tensor(value, dtype=HPARAM_DTYPE, device=device)
         for b in self.buffer_names:
             state[b] = _tree.map_tree(
                 lambda p: torch.zeros_like(p, dtype=self.buffer_dtype(p.dtype),
@@ -213,7 +225,8 @@ class ElementwiseOptimizer(Optimizer):
         return state
 
     def _check_state(self, params, p_leaves, state) -> dict[str, list]:
-        check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffer_names])
+        check_state_keys(self.name, state,
+                         ["step", HPARAMS_KEY, *self.scalars, *self.buffer_names])
         stored = state[HPARAMS_KEY]
         if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
             got = sorted(stored) if isinstance(stored, Mapping) else stored
@@ -249,16 +262,26 @@ class ElementwiseOptimizer(Optimizer):
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
         decay = self._decay_flags(params, p_leaves, spec)
         host_hp = self._host_hparams(hp)
-        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, hp, step + 1, decay,
+        kernel_hp, new_scalars = self.prepare_scalars(hp, step + 1,
+                                                      {k: state[k] for k in self.scalars})
+        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, kernel_hp, step + 1, decay,
                                            donate=donate, host_hp=host_hp,
                                            fused=host_hp is not None and self.fused is not False)
-        new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
+        new_state: State = {"step": step + 1, HPARAMS_KEY: hp, **new_scalars}
         for b in self.buffer_names:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
         return _tree.unflatten(spec, new_p), new_state
 
     def hyperparam_ranges(self) -> dict[str, Range]:
         return dict(self.ranges)
+
+    def prepare_scalars(self, hp, step, scalars) -> tuple[dict, dict]:
+        """(hyperparameters for the kernel, updated scalar state) for the update with 1-based
+        index ``step``."""
+        if self.prepare is None:
+            return dict(hp), {}
+        extra, new = self.prepare(hp, step, scalars)
+        return {**hp, **extra}, new
 
     def _host_hparams(self, hp: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """The hyperparameters as floats when that costs no device sync and no trace: CPU tensors,

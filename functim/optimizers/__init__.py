@@ -1,6 +1,10 @@
 """The optimizers, one module per family."""
 
 from .adamw import adamw
+from .cautious import cautious_adamw, cautious_lion
+from .lion import lion, signsgd, signum
+from .nadamw import nadamw
 from .sgd import sgd
 
-__all__ = ["adamw", "sgd"]
+__all__ = ["adamw", "cautious_adamw", "cautious_lion", "lion", "nadamw", "sgd", "signsgd",
+           "signum"]

@@ -1,0 +1,132 @@
+"""Cautious optimizers (Liang et al. 2024, arXiv 2411.16085): mask the update where its sign
+disagrees with the gradient's (algorithms.md §3).
+
+- ``cautious_adamw`` follows C-Optim ``c_adamw.py`` (default foreach path): EPS_OUT, DWD before
+  the step, mask ``φ = 1[m_t ⊙ g_t > 0]`` from the *updated* first moment and the raw gradient;
+  ``p ← p·(1 − η·λ) − (η/bc1)·(m ⊙ φ̃)/(sqrt(v)/sqrt(bc2) + ε)``. Defaults are C-Optim's
+  (lr 1e-3, betas (0.9, 0.999), eps 1e-6, wd 0).
+- ``cautious_lion`` follows C-Optim ``c_lion.py``: ``u = sign(β1·m + (1 − β1)·g)``,
+  ``φ = 1[u ⊙ g > 0]``, ``p ← p·(1 − η·λ) − η·u ⊙ φ̃``, then ``m ← β2·m + (1 − β2)·g``
+  (defaults lr 1e-4, betas (0.95, 0.98), wd 0).
+
+Mask normalisation ``φ̃`` per tensor (§15.1 item 3), ``normalization=``:
+``"mean"`` (default; C-Optim's current form and timm's): ``φ / max(mean φ, 1e-3)``;
+``"paper"``: ``φ·n/(Σφ + 1)`` (the original paper; C-Optim's C-Lion still uses it);
+``"eps"`` (Levanter, Wen et al.): ``φ/(mean φ + eps)`` with cautious_adamw's ``eps`` (1e-8 for
+cautious_lion). The mask and its mean come from multi-tensor kernels, without a host sync.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..base import ElementwiseOptimizer
+from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
+
+NORMALIZATIONS = ("mean", "paper", "eps")
+LION_EPS = 1e-8
+
+
+def cautious_mask(ops, direction, g, normalization, eps):
+    """``φ̃``: the normalised per-tensor mask of where ``direction`` agrees in sign with ``g``."""
+    mask = ops.clamp_min(ops.sign(ops.mul(direction, g)), 0.0, inplace=True)  # 1 where > 0
+    counts = ops.norm(mask, 1.0)  # Σφ per tensor
+    n = [float(x.numel()) for x in mask]
+    if normalization == "mean":
+        scale = [torch.clamp(c / k, min=1e-3) for c, k in zip(counts, n)]
+    elif normalization == "paper":
+        scale = [(c + 1) / k for c, k in zip(counts, n)]
+    else:
+        scale = [c / k + eps for c, k in zip(counts, n)]
+    return ops.div(mask, scale, inplace=True)
+
+
+def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
+    lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
+    m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
+    v = ops.lerp(b["exp_avg_sq"], ops.mul(g, g), 1 - beta2, inplace=inplace)
+    masked = ops.mul(cautious_mask(ops, m, g, normalization, hp["eps"]), m, inplace=True)
+    denom = ops.sqrt(v)
+    denom = ops.div(denom, torch.sqrt(1 - beta2**step), inplace=True)
+    denom = ops.add(denom, hp["eps"], inplace=True)
+    step_size = -lr / (1 - beta1**step)
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    if ops.per_tensor:
+        p = ops.add(p, ops.mul(ops.div(masked, denom), step_size), inplace=inplace)
+    else:
+        p = ops.addcdiv(p, masked, ops.div(denom, step_size, inplace=True), inplace=inplace)
+    return p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
+    lr = hp["lr"]
+    u = ops.sign(ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), inplace=True)
+    update = ops.mul(cautious_mask(ops, u, g, normalization, LION_EPS), u, inplace=True)
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    p = ops.add(p, ops.mul(update, -lr, inplace=True), inplace=inplace)
+    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
+    return p, {"exp_avg": m}
+
+
+def _check_normalization(owner: str, normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{owner}: normalization must be one of {NORMALIZATIONS}, "
+                         f"got {normalization!r}")
+
+
+def cautious_adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.9, 0.999),
+    eps: ScalarOrSchedule = 1e-6,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    normalization: str = "mean",
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """Cautious AdamW (C-Optim reference, EPS_OUT)."""
+    _check_normalization("cautious_adamw", normalization)
+    beta1, beta2 = check_betas("cautious_adamw", betas)
+    return ElementwiseOptimizer(
+        "cautious_adamw",
+        hyperparams={"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+                     "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+                "weight_decay": NONNEGATIVE},
+        buffers=("exp_avg", "exp_avg_sq"),
+        kernel=partial(_cautious_adamw_kernel, normalization=normalization),
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+        options={"normalization": normalization},
+    )
+
+
+def cautious_lion(
+    lr: ScalarOrSchedule = 1e-4,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.95, 0.98),
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    normalization: str = "mean",
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """Cautious Lion (C-Optim reference)."""
+    _check_normalization("cautious_lion", normalization)
+    beta1, beta2 = check_betas("cautious_lion", betas)
+    return ElementwiseOptimizer(
+        "cautious_lion",
+        hyperparams={"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "weight_decay": NONNEGATIVE},
+        buffers=("exp_avg",),
+        kernel=partial(_cautious_lion_kernel, normalization=normalization),
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+        options={"normalization": normalization},
+    )

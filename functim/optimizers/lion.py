@@ -1,0 +1,114 @@
+"""Sign-based optimizers: Lion, SignSGD and Signum (algorithms.md §10, §12).
+
+- **Lion** follows lucidrains/lion-pytorch ``update_fn`` (= the paper's Program 1 = optax
+  ``scale_by_lion``): ``p ← p·(1 − η·λ)``; ``u = sign(β1·m + (1 − β1)·g)``; ``p ← p − η·u``;
+  ``m ← β2·m + (1 − β2)·g``. Weight decay is torch-style DWD (lr-coupled); lucidrains'
+  ``decoupled_weight_decay=True`` (λ/η₀) is not offered (§15.1 item 11).
+- **SignSGD** (Bernstein et al. 2018) with decoupled weight decay:
+  ``p ← p·(1 − η·λ) − η·sign(g)``.
+- **Signum**: EMA momentum ``m ← β·m + (1 − β)·g`` (LEV ``scale_by_signum``), then
+  ``p ← p·(1 − η·λ) − η·sign(m)``. Sum-form momentum has the same sign, so it is not offered.
+
+``sign(0) = 0`` (torch). The EMAs are ``lerp``s, so ``lion(β, β)`` and ``signum(β)`` are
+bitwise identical, and ``lion(β1=0)`` is bitwise ``signsgd`` (lerp with weight 1 returns g).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..base import ElementwiseOptimizer
+from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
+
+
+def decay_then_step(ops, p, signs, hp, *, decay, inplace):
+    """``p·(1 − η·λ) − η·signs``; ``signs`` is an owned temporary (overwritten)."""
+    lr = hp["lr"]
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    return ops.add(p, ops.mul(signs, -lr, inplace=True), inplace=inplace)
+
+
+def _lion_kernel(ops, p, g, b, hp, step, *, decay, inplace):
+    direction = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"])  # a new list: m is not touched
+    p = decay_then_step(ops, p, ops.sign(direction, inplace=True), hp, decay=decay,
+                        inplace=inplace)
+    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
+    return p, {"exp_avg": m}
+
+
+def _signsgd_kernel(ops, p, g, b, hp, step, *, decay, inplace):
+    return decay_then_step(ops, p, ops.sign(g), hp, decay=decay, inplace=inplace), {}
+
+
+def _signum_kernel(ops, p, g, b, hp, step, *, decay, inplace):
+    m = ops.lerp(b["momentum"], g, 1 - hp["beta"], inplace=inplace)
+    p = decay_then_step(ops, p, ops.sign(m), hp, decay=decay, inplace=inplace)
+    return p, {"momentum": m}
+
+
+def lion(
+    lr: ScalarOrSchedule = 1e-4,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.9, 0.99),
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """Lion (Chen et al. 2023) with lion-pytorch's defaults."""
+    beta1, beta2 = check_betas("lion", betas)
+    return ElementwiseOptimizer(
+        "lion",
+        hyperparams={"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "weight_decay": NONNEGATIVE},
+        buffers=("exp_avg",),
+        kernel=_lion_kernel,
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+    )
+
+
+def signsgd(
+    lr: ScalarOrSchedule = 1e-3,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """signSGD with decoupled weight decay (no state besides the step)."""
+    return ElementwiseOptimizer(
+        "signsgd",
+        hyperparams={"lr": lr, "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "weight_decay": NONNEGATIVE},
+        buffers=(),
+        kernel=_signsgd_kernel,
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+    )
+
+
+def signum(
+    lr: ScalarOrSchedule = 1e-3,
+    beta: ScalarOrSchedule = 0.95,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """Signum: sign of an EMA of the gradient (β = 0.95 as LEV ``scale_by_signum``)."""
+    check_hyperparam("signum", "beta", beta, BETA)
+    return ElementwiseOptimizer(
+        "signum",
+        hyperparams={"lr": lr, "beta": beta, "weight_decay": weight_decay},
+        ranges={"lr": NONNEGATIVE, "beta": BETA, "weight_decay": NONNEGATIVE},
+        buffers=("momentum",),
+        kernel=_signum_kernel,
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+    )
+
+
+__all__ = ["lion", "signsgd", "signum"]

@@ -1,0 +1,259 @@
+"""MARS (Yuan et al. 2024, arXiv 2411.10438), following the reference ``update_fn`` / ``MARS`` of
+AGI-Arena/MARS ``MARS/optimizers/mars.py`` (algorithms.md §4). ``mars_type`` "mars-adamw"
+(default) and "mars-lion"; "mars-shampoo" is not implemented yet (it raises).
+
+Per leaf, with ``last_grad`` starting at zero and ``t`` the 1-based step:
+
+- MARS branch (every leaf with ``ndim == 2`` exactly, or every leaf when ``optimize_1d=True``)::
+
+      c ← g + γ·(β1/(1−β1))·(g − last_grad)
+      c ← c / max(1, ‖c‖_F)                  # per-tensor unit-norm clip, no eps (reference)
+      m ← β1·m + (1−β1)·c
+      mars-adamw: v ← β2·v + (1−β2)·c²  (amsgrad: running max of the raw v)
+                  p ← p·(1 − η·λ) − (η/bc1)·m / (sqrt(v)/sqrt(bc2) + ε)
+      mars-lion:  p ← p·(1 − η·λ) − η·sign(m)
+
+- AdamW branch (every other leaf — 0-d, 1-D, 3-D, 4-D ... — when ``optimize_1d=False``): plain
+  AdamW on ``g`` with ``betas_1d``, ``eps``, lr ``η·lr_1d/lr_init`` and weight decay
+  ``weight_decay_1d``.
+- Every leaf: ``last_grad ← g`` (a copy).
+
+Choices (algorithms.md §15.1 item 4, §4(e)):
+
+- The clip is the reference's per-tensor unit Frobenius-norm clip, written without a host sync:
+  ``c / max(1, ‖c‖)`` per leaf with 0-d per-leaf norms. It is bitwise the reference's
+  ``if ‖c‖ > 1: c = c/‖c‖`` (dividing by 1.0 is exact). ``clip="global"`` (Levanter's global-norm
+  clip of ``c``) is not implemented: it needs the norm of every leaf before any leaf steps.
+- The 2-D test is ``ndim == 2`` exactly (conv kernels and other N-D leaves take the AdamW branch,
+  as in the reference). The split is made inside the kernel from the leaves' static shapes.
+- ``last_grad`` is a copy of the gradient (the reference stores a reference to ``p.grad``, which
+  silently becomes the current gradient if the caller zeroes grads in place). It is written for
+  every leaf, as the reference does, although the AdamW branch never reads it.
+- Weight decay is decoupled and lr-coupled (DWD): the reference's ``p − η·(λ·p + u)`` written as
+  ``p·(1 − η·λ)`` followed by the step, exactly as :func:`functim.adamw` (the same kernel runs
+  both AdamW-type updates: one definition of the maths). ε is outside the square root (EPS_OUT).
+- The AdamW branch's lr follows the lr schedule proportionally, as the reference's fixed ratio
+  ``lr_1d_factor = lr_1d / lr``: ``η_1d = η_t · lr_1d / lr_init``. ``lr_init`` is the
+  constructor's ``lr`` (for a schedule, its ``max_value()``, the peak lr); pass ``lr_init=``
+  to choose another reference value. Changing ``state["hyperparams"]["lr"]`` (e.g. an LR
+  scheduler in the torch.optim adapter) scales the 1-D lr with it, as in the reference.
+- ``weight_decay_1d`` applies to the AdamW-branch leaves whatever ``weight_decay`` is (the
+  reference ignores the group's weight decay there, so a "no decay" param group still decays its
+  biases and norms with ``weight_decay_1d``). An explicit ``weight_decay_mask`` is honoured by
+  both branches: a masked-out leaf gets no decay from either.
+- ``maximize`` is not offered (the reference has none); the reference's ``is_approx=False``
+  ("exact" variant, a second backward pass per step) is not implemented.
+- State: ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` if amsgrad) and ``last_grad``, in the
+  buffer dtype (float32 for bfloat16/float16 params unless ``state_dtype``). The reference always
+  allocates ``exp_avg_sq``; here it (and ``max_exp_avg_sq``) is left out when nothing reads it,
+  i.e. for "mars-lion" with ``optimize_1d=True``. With "mars-lion" and ``optimize_1d=False`` it is
+  read only by the non-2-D leaves (the 2-D leaves' entries stay zero).
+- One ``step`` counts the updates of the whole tree (bias corrections use it); the torch.optim
+  adapter keeps torch's per-parameter steps, as the reference does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..base import ElementwiseOptimizer
+from ..hyperparams import (
+    BETA,
+    NONNEGATIVE,
+    ScalarOrSchedule,
+    _is_functorch_wrapped,
+    check_betas,
+)
+from ..schedules import Schedule
+from .adamw import _adamw_kernel
+
+MARS_TYPES = ("mars-adamw", "mars-lion")
+CLIPS = ("per_tensor",)
+
+
+def _copy(ops, dst: list, src: list, inplace: bool) -> list:
+    """``src``'s values in ``dst``'s buffers (donated) or in fresh tensors; never an alias."""
+    if not src:
+        return src
+    if inplace and not ops.per_tensor:
+        torch._foreach_copy_(dst, src)
+        return dst
+    return [x.clone() for x in src]
+
+
+def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad):
+    beta1 = hp["beta1"]
+    # c = g + γ·β1/(1−β1)·(g − last_grad), the reference's order of operations
+    c = ops.sub(g, b["last_grad"])
+    c = ops.mul(c, hp["gamma"] * (beta1 / (1 - beta1)), inplace=True)
+    c = ops.add(c, g, inplace=True)
+    # per-tensor unit-norm clip without a host sync: c / max(1, ‖c‖)
+    norms = ops.clamp_min(ops.norm(c), 1.0, inplace=True)
+    c = ops.div(c, norms, inplace=True)
+    if mars_type == "mars-adamw":
+        bufs = {k: b[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in b}
+        return _adamw_kernel(ops, p, c, bufs, hp, step, decay=decay, inplace=inplace,
+                             amsgrad=amsgrad, maximize=False)
+    # mars-lion: sign of the EMA itself (one β)
+    lr = hp["lr"]
+    m = ops.lerp(b["exp_avg"], c, 1 - beta1, inplace=inplace)
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    u = ops.mul(ops.sign(m), -lr, inplace=True)
+    p = ops.add(p, u, inplace=inplace)
+    return p, {"exp_avg": m}
+
+
+def _adamw_branch(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, lr_init):
+    if isinstance(lr_init, torch.Tensor):
+        lr_init = lr_init.to(device=hp["lr"].device, dtype=hp["lr"].dtype)
+    hp_1d = {
+        "lr": hp["lr"] * (hp["lr_1d"] / lr_init),
+        "beta1": hp["beta1_1d"],
+        "beta2": hp["beta2_1d"],
+        "eps": hp["eps"],
+        "weight_decay": hp["weight_decay_1d"],
+    }
+    bufs = {k: b[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in b}
+    return _adamw_kernel(ops, p, g, bufs, hp_1d, step, decay=decay, inplace=inplace,
+                         amsgrad=amsgrad, maximize=False)
+
+
+def _mars_kernel(ops, p, g, b, hp, step, *, decay, inplace, mars_type, optimize_1d, amsgrad,
+                 lr_init):
+    n = len(p)
+    # static split by the leaves' shapes (no tensor values are read)
+    mars_idx = [i for i in range(n) if optimize_1d or p[i].ndim == 2]
+    adam_idx = [i for i in range(n) if not (optimize_1d or p[i].ndim == 2)]
+    new_p = list(p)
+    new_b = {k: list(v) for k, v in b.items()}
+    for idx, branch in ((mars_idx, "mars"), (adam_idx, "adamw")):
+        if not idx:
+            continue
+        sp = [p[i] for i in idx]
+        sg = [g[i] for i in idx]
+        sb = {k: [v[i] for i in idx] for k, v in b.items()}
+        if branch == "mars":
+            out_p, out_b = _mars_branch(ops, sp, sg, sb, hp, step, decay=decay, inplace=inplace,
+                                        mars_type=mars_type, amsgrad=amsgrad)
+        else:
+            out_p, out_b = _adamw_branch(ops, sp, sg, sb, hp, step, decay=decay,
+                                         inplace=inplace, amsgrad=amsgrad, lr_init=lr_init)
+        # last_grad is read above (c), so it is overwritten only now
+        out_b["last_grad"] = _copy(ops, sb["last_grad"], sg, inplace)
+        for j, i in enumerate(idx):
+            new_p[i] = out_p[j]
+            for k, v in out_b.items():
+                new_b[k][i] = v[j]
+    return new_p, new_b
+
+
+class _Mars(ElementwiseOptimizer):
+    """ElementwiseOptimizer whose weight-decay flags come from the mask only.
+
+    The base class drops every leaf's decay flag when the host-side ``weight_decay`` is exactly 0
+    (the torch.optim adapter's shortcut). MARS's AdamW branch decays with ``weight_decay_1d``
+    whatever ``weight_decay`` is, so that shortcut does not apply here (MARS has no fused kernel,
+    so the host values serve nothing else)."""
+
+    def step_leaves(self, p_leaves, g_leaves, bufs, hp, step, decay, *, donate,
+                    host_hp=None, fused=False):
+        return super().step_leaves(p_leaves, g_leaves, bufs, hp, step, decay, donate=donate,
+                                   host_hp=None, fused=False)
+
+
+def _initial_lr(lr: Any) -> float | torch.Tensor:
+    if isinstance(lr, Schedule):
+        return float(lr.max_value())
+    if isinstance(lr, torch.Tensor):
+        if _is_functorch_wrapped(lr) or lr.device.type == "meta":
+            return lr  # a traced value: used as a tensor
+        return float(lr.detach().cpu())
+    return float(lr)
+
+
+def mars(
+    lr: ScalarOrSchedule = 3e-3,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.95, 0.99),
+    eps: ScalarOrSchedule = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    amsgrad: bool = False,
+    gamma: ScalarOrSchedule = 0.025,
+    mars_type: str = "mars-adamw",
+    optimize_1d: bool = False,
+    lr_1d: ScalarOrSchedule = 3e-3,
+    betas_1d: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.9, 0.95),
+    weight_decay_1d: ScalarOrSchedule = 0.1,
+    *,
+    clip: str = "per_tensor",
+    lr_init: float | None = None,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """MARS with the reference's keywords and defaults (AGI-Arena/MARS ``MARS``).
+
+    ``mars_type``: "mars-adamw" or "mars-lion". ``optimize_1d=False`` (default) sends every leaf
+    whose ``ndim != 2`` to AdamW with ``betas_1d``, lr ``lr_t·lr_1d/lr_init`` and weight decay
+    ``weight_decay_1d``; ``optimize_1d=True`` runs MARS on every leaf.
+
+    ``lr_init``: the lr that ``lr_1d`` is relative to (default: ``lr``; a schedule's
+    ``max_value()``). ``clip``: "per_tensor" (the reference's unit-norm clip of the corrected
+    gradient, per leaf). ``weight_decay_mask`` as in :func:`functim.adamw` (applies to both
+    branches). See the module docstring for every choice made against the reference.
+    """
+    if not isinstance(mars_type, str):
+        raise TypeError(f"mars: 'mars_type' must be a string, got {mars_type!r}")
+    if mars_type == "mars-shampoo":
+        raise ValueError("mars: mars_type='mars-shampoo' is not implemented yet; use "
+                         "'mars-adamw' or 'mars-lion'")
+    if mars_type not in MARS_TYPES:
+        raise ValueError(f"mars: unknown mars_type {mars_type!r}; expected one of {MARS_TYPES}")
+    if clip == "global":
+        raise ValueError("mars: clip='global' (Levanter's global-norm clip of the corrected "
+                         "gradient) is not implemented yet; use clip='per_tensor'")
+    if clip not in CLIPS:
+        raise ValueError(f"mars: unknown clip {clip!r}; expected one of {CLIPS}")
+    for name, flag in (("amsgrad", amsgrad), ("optimize_1d", optimize_1d)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"mars: {name!r} must be a bool, got {flag!r}")
+    beta1, beta2 = check_betas("mars", betas)
+    beta1_1d, beta2_1d = check_betas("mars", betas_1d, names=("beta1_1d", "beta2_1d"))
+    hyperparams = {
+        "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+        "gamma": gamma, "lr_1d": lr_1d, "beta1_1d": beta1_1d, "beta2_1d": beta2_1d,
+        "weight_decay_1d": weight_decay_1d,
+    }
+    ranges = {
+        "lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+        "weight_decay": NONNEGATIVE, "gamma": NONNEGATIVE, "lr_1d": NONNEGATIVE,
+        "beta1_1d": BETA, "beta2_1d": BETA, "weight_decay_1d": NONNEGATIVE,
+    }
+    if lr_init is None:
+        lr_init = _initial_lr(lr)
+    elif isinstance(lr_init, bool) or not isinstance(lr_init, (int, float, torch.Tensor)):
+        raise TypeError(f"mars: 'lr_init' must be a float, got {lr_init!r}")
+    elif not isinstance(lr_init, torch.Tensor):
+        lr_init = float(lr_init)
+    if not optimize_1d and not isinstance(lr_init, torch.Tensor) and not lr_init > 0:
+        raise ValueError(
+            f"mars: with optimize_1d=False the non-2-D leaves use lr·lr_1d/lr_init, so lr_init "
+            f"(default: lr, a schedule's max_value()) must be > 0, got {lr_init}")
+    reads_v = mars_type == "mars-adamw" or not optimize_1d
+    buffers = ("exp_avg",) + (("exp_avg_sq",) if reads_v else ()) + ("last_grad",)
+    if amsgrad and reads_v:
+        buffers += ("max_exp_avg_sq",)
+    flags = {"mars_type": mars_type, "optimize_1d": optimize_1d, "amsgrad": amsgrad}
+    return _Mars(
+        "mars",
+        hyperparams=hyperparams,
+        ranges=ranges,
+        buffers=buffers,
+        kernel=partial(_mars_kernel, **flags, lr_init=lr_init),
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+        options={**flags, "clip": clip, "lr_init": lr_init},
+    )

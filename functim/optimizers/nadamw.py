@@ -1,0 +1,110 @@
+"""NAdamW: Adam with Nesterov momentum and decoupled weight decay — three published forms
+(algorithms.md §2), one kernel.
+
+All forms: ``p ← p·(1 − η·λ)`` first (DWD), ``m ← lerp(m, g, 1 − β1)``,
+``v ← lerp(v, g², 1 − β2)``, and ``p ← p − η·(a·g + b·m)/(sqrt(v)/sqrt(1 − β2^t) + ε)`` (EPS_OUT)
+with coefficients per form:
+
+- ``variant="optax"`` (default; form B, optax ``scale_by_adam(nesterov=True)`` + DWD, the form of
+  Wen et al.'s "Fantastic Pretraining Optimizers" NAdamW via Levanter):
+  ``a = (1 − β1)/(1 − β1^t)``, ``b = β1/(1 − β1^(t+1))``;
+- ``variant="torch"`` (form A, ``torch.optim.NAdam(decoupled_weight_decay=True)``): the
+  momentum-decay schedule ``μ_t = β1·(1 − ½·0.96^(t·ψ))`` with ``ψ = momentum_decay`` and the
+  running product ``Π_t = Π_{t−1}·μ_t`` kept in the state as ``mu_product``:
+  ``a = (1 − μ_t)/(1 − Π_t)``, ``b = μ_{t+1}/(1 − Π_t·μ_{t+1})``;
+- ``variant="timm"`` (form C, timm ``NAdamW`` = the AlgoPerf baseline, "lerp twice"):
+  ``a = (1 − β1)/(1 − β1^t)``, ``b = β1/(1 − β1^t)``.
+
+With ``ψ → ∞`` form A is form B (R5); with ``β1 = 0`` every form is AdamW(β1 = 0) (R4).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..base import ElementwiseOptimizer
+from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
+
+VARIANTS = ("optax", "torch", "timm")
+
+
+def _coefficients(hp, step, variant):
+    beta1 = hp["beta1"]
+    if variant == "torch":
+        return hp["nesterov_g"], hp["nesterov_m"]
+    a = (1 - beta1) / (1 - beta1**step)
+    if variant == "optax":
+        return a, beta1 / (1 - beta1 ** (step + 1))
+    return a, beta1 / (1 - beta1**step)
+
+
+def _torch_schedule(hp, step, scalars):
+    """torch NAdam's μ_t, μ_{t+1} and the running product Π_t (the scalar state)."""
+    beta1, psi = hp["beta1"], hp["momentum_decay"]
+    mu = beta1 * (1 - 0.5 * 0.96 ** (step * psi))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi))
+    product = scalars["mu_product"] * mu
+    extra = {"nesterov_g": (1 - mu) / (1 - product),
+             "nesterov_m": mu_next / (1 - product * mu_next)}
+    return extra, {"mu_product": product}
+
+
+def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
+    lr = hp["lr"]
+    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"], inplace=inplace)
+    v = ops.lerp(b["exp_avg_sq"], ops.mul(g, g), 1 - hp["beta2"], inplace=inplace)
+    coef_g, coef_m = _coefficients(hp, step, variant)
+    numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
+    denom = ops.sqrt(v)
+    denom = ops.div(denom, torch.sqrt(1 - hp["beta2"] ** step), inplace=True)
+    denom = ops.add(denom, hp["eps"], inplace=True)
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    if ops.per_tensor:
+        p = ops.add(p, ops.mul(ops.div(numer, denom), -lr), inplace=inplace)
+    else:
+        p = ops.addcdiv(p, numer, ops.div(denom, -lr, inplace=True), inplace=inplace)
+    return p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def nadamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.9, 0.999),
+    eps: ScalarOrSchedule = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    *,
+    variant: str = "optax",
+    momentum_decay: ScalarOrSchedule = 4e-3,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> ElementwiseOptimizer:
+    """NAdamW; ``variant`` picks the form (see the module docstring); ``momentum_decay`` (ψ) is
+    used by ``variant="torch"`` only."""
+    if variant not in VARIANTS:
+        raise ValueError(f"nadamw: variant must be one of {VARIANTS}, got {variant!r}")
+    beta1, beta2 = check_betas("nadamw", betas)
+    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    ranges = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+              "weight_decay": NONNEGATIVE, "momentum_decay": NONNEGATIVE}
+    torch_form = variant == "torch"
+    if torch_form:
+        check_hyperparam("nadamw", "momentum_decay", momentum_decay, NONNEGATIVE)
+        hyper["momentum_decay"] = momentum_decay
+    else:
+        del ranges["momentum_decay"]
+    return ElementwiseOptimizer(
+        "nadamw",
+        hyperparams=hyper,
+        ranges=ranges,
+        buffers=("exp_avg", "exp_avg_sq"),
+        kernel=partial(_nadamw_kernel, variant=variant),
+        state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask,
+        scalars={"mu_product": 1.0} if torch_form else None,
+        prepare=_torch_schedule if torch_form else None,
+        options={"variant": variant},
+    )
