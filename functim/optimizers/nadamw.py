@@ -16,6 +16,10 @@ with coefficients per form:
   ``a = (1 − β1)/(1 − β1^t)``, ``b = β1/(1 − β1^t)``.
 
 With ``ψ → ∞`` form A is form B (R5); with ``β1 = 0`` every form is AdamW(β1 = 0) (R4).
+
+``mu_product`` is a float64 0-d tensor. torch keeps it in the default dtype (float32 unless
+changed), so float64 parameters agree with torch.optim.NAdam to ~1e-15 only when torch's default
+dtype is float64; with float32 it rounds Π and the coefficients to ~1e-7 relative.
 """
 
 from __future__ import annotations
