@@ -2,7 +2,8 @@
 configs). Depends on ``functim``'s public API only."""
 
 from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
+from .mars import Mars
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
-__all__ = ["SGD", "AdamW", "CautiousAdamW", "CautiousLion", "FunctimOptimizer", "Lion", "NAdamW",
-           "NamedAdapter", "SignSGD", "Signum"]
+__all__ = ["SGD", "AdamW", "CautiousAdamW", "CautiousLion", "FunctimOptimizer", "Lion", "Mars",
+           "NAdamW", "NamedAdapter", "SignSGD", "Signum"]

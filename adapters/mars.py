@@ -1,11 +1,12 @@
 """``Mars``: the reference MARS optimizer's signature (AGI-Arena/MARS ``MARS``) as a
 ``torch.optim.Optimizer`` over :func:`functim.optimizers.mars.mars`.
 
-Keyword names and defaults are the reference's. The reference's ``is_approx=False`` ("exact"
-variant) is not offered. Group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``gamma``,
-``lr_1d``, ``betas_1d``, ``weight_decay_1d`` are hyperparameters read at every step (LR schedulers
-drive ``lr``); ``mars_type``, ``optimize_1d``, ``amsgrad``, ``clip`` and ``state_dtype`` change the
-kernel or the state layout.
+Keyword names and defaults are the reference's (``is_approx`` is keyword-only here and only
+``True``, the reference's default, is accepted: the "exact" variant is not implemented). Group
+keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``gamma``, ``lr_1d``, ``betas_1d``,
+``weight_decay_1d`` are hyperparameters read at every step (LR schedulers drive ``lr``);
+``mars_type``, ``optimize_1d``, ``amsgrad``, ``clip`` and ``state_dtype`` change the kernel or the
+state layout.
 
 The non-2-D leaves' lr is ``group["lr"]·lr_1d/lr_init`` with ``lr_init`` the constructor's ``lr``
 for every group, as the reference's ``lr_1d_factor = lr_1d / self.lr``: an LR scheduler scales the
@@ -39,7 +40,11 @@ class Mars(NamedAdapter):
                  mars_type: str = "mars-adamw", optimize_1d: bool = False, lr_1d: float = 3e-3,
                  betas_1d=(0.9, 0.95), weight_decay_1d: float = 0.1, *,
                  clip: str = "per_tensor", state_dtype: torch.dtype | None = None,
-                 weight_decay_mask: Any = None, fused: bool | None = None):
+                 weight_decay_mask: Any = None, fused: bool | None = None,
+                 is_approx: bool = True):
+        if is_approx is not True:
+            raise ValueError("functim.adapters.Mars: is_approx=False (the reference's 'exact' "
+                             "variant, two backward passes per step) is not implemented")
         # the reference fixes lr_1d/lr at construction, with the constructor's lr for all groups
         self._lr_init = lr
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,

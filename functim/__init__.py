@@ -21,6 +21,7 @@ from .optimizers import (
     cautious_adamw,
     cautious_lion,
     lion,
+    mars,
     nadamw,
     sgd,
     signsgd,
@@ -38,7 +39,7 @@ from .schedules import (
 
 __all__ = [
     "NO_DECAY_RULES", "ElementwiseOptimizer", "GradientTransform", "Optimizer", "Rule",
-    "Schedule", "accumulate", "adamw", "cautious_adamw", "cautious_lion", "lion", "nadamw",
+    "Schedule", "accumulate", "adamw", "cautious_adamw", "cautious_lion", "lion", "mars", "nadamw",
     "signsgd", "signum", "chain", "clip_by_global_norm", "constant_schedule",
     "cosine_decay", "default_weight_decay_mask", "explain", "get_hyperparams", "global_norm",
     "linear_warmup", "partition", "set_hyperparams", "sgd", "skip_nonfinite", "warmup_cosine",

@@ -160,6 +160,7 @@ class ElementwiseOptimizer(Optimizer):
         fused: bool | None = None,
         scalars: Mapping[str, float] | None = None,
         prepare: Callable | None = None,
+        decay_hyperparams: Sequence[str] = ("weight_decay",),
         options: Mapping[str, Any] | None = None,
     ):
         self.name = name
@@ -185,6 +186,7 @@ class ElementwiseOptimizer(Optimizer):
             raise ValueError(f"{name}: torch has no fused kernel for this optimizer")
         self.fused = fused
         self.scalars = dict(scalars or {})
+        self.decay_hyperparams = tuple(decay_hyperparams)
         self.prepare = prepare
         self.options = dict(options or {})
         self._mask_cache: dict = {}
@@ -322,9 +324,11 @@ class ElementwiseOptimizer(Optimizer):
         of this update. Used by :meth:`update` and directly by the torch.optim adapter.
 
         ``host_hp``: the same hyperparameters as Python floats, when the caller has them on the
-        host (the adapter's param groups). Then a weight decay of exactly 0 skips its pass over
-        the params, and ``fused=True`` may use ``fused_kernel``."""
-        if host_hp is not None and host_hp.get("weight_decay", 1.0) == 0.0:
+        host (the adapter's param groups). Then, if every weight decay in ``decay_hyperparams``
+        is exactly 0, the decay pass over the params is skipped, and ``fused=True`` may use
+        ``fused_kernel``."""
+        if host_hp is not None and self.decay_hyperparams and all(
+                host_hp.get(k, 1.0) == 0.0 for k in self.decay_hyperparams):
             decay = [False] * len(decay)
         active = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
                   if p is not None and g is not None]

@@ -6,7 +6,7 @@ Per leaf, with ``last_grad`` starting at zero and ``t`` the 1-based step:
 
 - MARS branch (every leaf with ``ndim == 2`` exactly, or every leaf when ``optimize_1d=True``)::
 
-      c ← g + γ·(β1/(1−β1))·(g − last_grad)
+      c ← g + γ·(β1/(1−β1))·(g − last_grad)   # one pass: lerp(last_grad, g, 1 + γβ1/(1−β1))
       c ← c / max(1, ‖c‖_F)                  # per-tensor unit-norm clip, no eps (reference)
       m ← β1·m + (1−β1)·c
       mars-adamw: v ← β2·v + (1−β2)·c²  (amsgrad: running max of the raw v)
@@ -54,6 +54,7 @@ Choices (algorithms.md §15.1 item 4, §4(e)):
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -66,6 +67,7 @@ from ..hyperparams import (
     ScalarOrSchedule,
     _is_functorch_wrapped,
     check_betas,
+    check_hyperparam,
 )
 from ..schedules import Schedule
 from .adamw import _adamw_kernel
@@ -86,10 +88,9 @@ def _copy(ops, dst: list, src: list, inplace: bool) -> list:
 
 def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad):
     beta1 = hp["beta1"]
-    # c = g + γ·β1/(1−β1)·(g − last_grad), the reference's order of operations
-    c = ops.sub(g, b["last_grad"])
-    c = ops.mul(c, hp["gamma"] * (beta1 / (1 - beta1)), inplace=True)
-    c = ops.add(c, g, inplace=True)
+    # c = g + γ·β1/(1−β1)·(g − last_grad) in one pass: lerp(last_grad, g, w) with w ≥ 1 is
+    # computed as g − (g − last_grad)·(1 − w) (exactly g when γ = 0)
+    c = ops.lerp(b["last_grad"], g, 1 + hp["gamma"] * (beta1 / (1 - beta1)))
     # per-tensor unit-norm clip without a host sync: c / max(1, ‖c‖)
     norms = ops.clamp_min(ops.norm(c), 1.0, inplace=True)
     c = ops.div(c, norms, inplace=True)
@@ -150,20 +151,6 @@ def _mars_kernel(ops, p, g, b, hp, step, *, decay, inplace, mars_type, optimize_
             for k, v in out_b.items():
                 new_b[k][i] = v[j]
     return new_p, new_b
-
-
-class _Mars(ElementwiseOptimizer):
-    """ElementwiseOptimizer whose weight-decay flags come from the mask only.
-
-    The base class drops every leaf's decay flag when the host-side ``weight_decay`` is exactly 0
-    (the torch.optim adapter's shortcut). MARS's AdamW branch decays with ``weight_decay_1d``
-    whatever ``weight_decay`` is, so that shortcut does not apply here (MARS has no fused kernel,
-    so the host values serve nothing else)."""
-
-    def step_leaves(self, p_leaves, g_leaves, bufs, hp, step, decay, *, donate,
-                    host_hp=None, fused=False):
-        return super().step_leaves(p_leaves, g_leaves, bufs, hp, step, decay, donate=donate,
-                                   host_hp=None, fused=False)
 
 
 def _initial_lr(lr: Any) -> float | torch.Tensor:
@@ -232,22 +219,23 @@ def mars(
         "weight_decay": NONNEGATIVE, "gamma": NONNEGATIVE, "lr_1d": NONNEGATIVE,
         "beta1_1d": BETA, "beta2_1d": BETA, "weight_decay_1d": NONNEGATIVE,
     }
-    if lr_init is None:
-        lr_init = _initial_lr(lr)
-    elif isinstance(lr_init, bool) or not isinstance(lr_init, (int, float, torch.Tensor)):
+    for k, v in hyperparams.items():
+        check_hyperparam("mars", k, v, ranges[k])
+    if lr_init is not None and (isinstance(lr_init, bool) or not isinstance(
+            lr_init, (int, float, torch.Tensor))):
         raise TypeError(f"mars: 'lr_init' must be a float, got {lr_init!r}")
-    elif not isinstance(lr_init, torch.Tensor):
-        lr_init = float(lr_init)
-    if not optimize_1d and not isinstance(lr_init, torch.Tensor) and not lr_init > 0:
+    lr_init = _initial_lr(lr if lr_init is None else lr_init)
+    if not optimize_1d and not isinstance(lr_init, torch.Tensor) and not (
+            0 < lr_init < math.inf):
         raise ValueError(
             f"mars: with optimize_1d=False the non-2-D leaves use lr·lr_1d/lr_init, so lr_init "
-            f"(default: lr, a schedule's max_value()) must be > 0, got {lr_init}")
+            f"(default: lr, a schedule's max_value()) must be finite and > 0, got {lr_init}")
     reads_v = mars_type == "mars-adamw" or not optimize_1d
     buffers = ("exp_avg",) + (("exp_avg_sq",) if reads_v else ()) + ("last_grad",)
     if amsgrad and reads_v:
         buffers += ("max_exp_avg_sq",)
     flags = {"mars_type": mars_type, "optimize_1d": optimize_1d, "amsgrad": amsgrad}
-    return _Mars(
+    return ElementwiseOptimizer(
         "mars",
         hyperparams=hyperparams,
         ranges=ranges,
@@ -255,5 +243,7 @@ def mars(
         kernel=partial(_mars_kernel, **flags, lr_init=lr_init),
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
+        # the 1-D branch decays with weight_decay_1d whatever weight_decay is
+        decay_hyperparams=("weight_decay", "weight_decay_1d"),
         options={**flags, "clip": clip, "lr_init": lr_init},
     )
