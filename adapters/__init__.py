@@ -3,7 +3,8 @@ configs). Depends on ``functim``'s public API only."""
 
 from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
 from .mars import Mars
+from .schedule_free import ScheduleFreeAdamW
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
 __all__ = ["SGD", "AdamW", "CautiousAdamW", "CautiousLion", "FunctimOptimizer", "Lion", "Mars",
-           "NAdamW", "NamedAdapter", "SignSGD", "Signum"]
+           "NAdamW", "NamedAdapter", "ScheduleFreeAdamW", "SignSGD", "Signum"]

@@ -285,7 +285,9 @@ class FunctimOptimizer(torch.optim.Optimizer):
         grads = {n: p.grad for n, p in tree.items()}
         cache = self._caches.get(gi)
         if cache is None:
-            cache = self._caches[gi] = {"layout": _Layout(opt.init_state(tree), tree)}
+            # only the state's structure is needed: build it on the meta device (no memory)
+            meta = {n: torch.empty_like(p, device="meta") for n, p in tree.items()}
+            cache = self._caches[gi] = {"layout": _Layout(opt.init_state(meta), tree)}
         layout: _Layout = cache["layout"]
         first = next(p for p in params if p.grad is not None)
         host = self._group_hparams(group)
@@ -360,13 +362,13 @@ class _Layout:
                     path = join(k)
                     if k == HPARAMS_KEY:
                         out[k] = {}
-                        for name, t in v.items():
+                        for name in v:
                             hpath = f"{prefix}.{name}" if prefix else name
                             val = host[self.group_key[hpath]]
-                            out[k][name] = (val.to(t.device, HPARAM_DTYPE)
+                            out[k][name] = (val.to(first.device, HPARAM_DTYPE)
                                             if isinstance(val, torch.Tensor) else
                                             torch.tensor(float(val), dtype=HPARAM_DTYPE,
-                                                         device=t.device))
+                                                         device=first.device))
                     elif path in self.buffer_paths:
                         # tree is a flat {name: param} dict: a dict with its keys has its structure
                         out[k] = {n: torch_state[p].get(path) for n, p in tree.items()}

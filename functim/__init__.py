@@ -23,6 +23,9 @@ from .optimizers import (
     lion,
     mars,
     nadamw,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_train_params,
     sgd,
     signsgd,
     signum,
@@ -40,6 +43,7 @@ from .schedules import (
 __all__ = [
     "NO_DECAY_RULES", "ElementwiseOptimizer", "GradientTransform", "Optimizer", "Rule",
     "Schedule", "accumulate", "adamw", "cautious_adamw", "cautious_lion", "lion", "mars", "nadamw",
+    "schedule_free_adamw", "schedule_free_eval_params", "schedule_free_train_params",
     "signsgd", "signum", "chain", "clip_by_global_norm", "constant_schedule",
     "cosine_decay", "default_weight_decay_mask", "explain", "get_hyperparams", "global_norm",
     "linear_warmup", "partition", "set_hyperparams", "sgd", "skip_nonfinite", "warmup_cosine",

@@ -5,7 +5,13 @@ from .cautious import cautious_adamw, cautious_lion
 from .lion import lion, signsgd, signum
 from .mars import mars
 from .nadamw import nadamw
+from .schedule_free import (
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_train_params,
+)
 from .sgd import sgd
 
-__all__ = ["adamw", "cautious_adamw", "cautious_lion", "lion", "mars", "nadamw", "sgd", "signsgd",
-           "signum"]
+__all__ = ["adamw", "cautious_adamw", "cautious_lion", "lion", "mars", "nadamw",
+           "schedule_free_adamw", "schedule_free_eval_params", "schedule_free_train_params", "sgd",
+           "signsgd", "signum"]
