@@ -25,6 +25,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
+from .lion import decay_then_step
 
 NORMALIZATIONS = ("mean", "paper", "eps")
 LION_EPS = 1e-8
@@ -64,13 +65,9 @@ def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalizat
 
 
 def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
-    lr = hp["lr"]
     u = ops.sign(ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), inplace=True)
     update = ops.mul(cautious_mask(ops, u, g, normalization, LION_EPS), u, inplace=True)
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
-    p = ops.add(p, ops.mul(update, -lr, inplace=True), inplace=inplace)
+    p = decay_then_step(ops, p, update, hp, decay=decay, inplace=inplace)
     m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
     return p, {"exp_avg": m}
 
