@@ -47,6 +47,16 @@ def needs_per_tensor(*lists: Sequence[torch.Tensor], scalars: Sequence = ()) -> 
     return any(t.requires_grad for lst in lists for t in lst)
 
 
+def _cast_scalars(a, dtype):
+    """Cast a 0-d tensor scalar, or a list of per-leaf 0-d scalars, to ``dtype``."""
+    if isinstance(a, torch.Tensor):
+        return a.to(dtype) if a.dtype != dtype else a
+    if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].ndim == 0 \
+            and a[0].dtype != dtype:
+        return [t.to(dtype) for t in a]
+    return a
+
+
 def _per_elem(args, i):
     return [a[i] if isinstance(a, (list, tuple)) else a for a in args]
 
@@ -64,10 +74,9 @@ class ListOps:
     def _run(self, name: str, xs: TensorList, *args, inplace: bool = False) -> TensorList:
         if not xs:
             return xs
-        # a float64 0-d hyperparameter must not promote a 0-d leaf to float64
+        # a float64 0-d hyperparameter (or per-leaf scalar) must not promote a 0-d leaf
         dtype = xs[0].dtype
-        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype != dtype else a
-                     for a in args)
+        args = tuple(_cast_scalars(a, dtype) for a in args)
         if self.per_tensor:
             fn = getattr(torch, name)
             return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
@@ -130,12 +139,14 @@ class ListOps:
         return self._run("clamp_max", xs, high, inplace=inplace)
 
     def norm(self, xs: TensorList, ord: float = 2.0) -> TensorList:
-        """Per-leaf vector norm of each whole tensor (a list of 0-d tensors, one pass)."""
+        """Per-leaf vector norm of each whole tensor, accumulated and returned in float64 (a list
+        of 0-d tensors, one pass). float32 accumulation is not enough: summing 4e7 ones in
+        float32 gives 2^25."""
         if not xs:
             return []
         if self.per_tensor:
-            return [torch.linalg.vector_norm(x, ord) for x in xs]
-        return list(torch._foreach_norm(xs, ord))
+            return [torch.linalg.vector_norm(x, ord, dtype=torch.float64) for x in xs]
+        return list(torch._foreach_norm(xs, ord, dtype=torch.float64))
 
     def copy(self, xs: TensorList) -> TensorList:
         return [x.clone() for x in xs]
