@@ -31,22 +31,27 @@ def _adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, maximize):
     second = v
     if amsgrad:
         second = new_b["max_exp_avg_sq"] = ops.maximum(b["max_exp_avg_sq"], v, inplace=inplace)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
+    p = adaptive_step(ops, p, m, second, hp, -lr / (1 - beta1**step), step, decay=decay,
+                      inplace=inplace)
+    return p, new_b
+
+
+def adaptive_step(ops, p, numer, second, hp, scale, step, *, decay, inplace):
+    """The Adam-family tail shared by AdamW, NAdamW, Cautious AdamW and MARS:
+    ``p ← p·(1 − η·λ) + scale·numer/(sqrt(second)/sqrt(1 − β2^t) + ε)`` (EPS_OUT), with ``scale``
+    a 0-d tensor (``−η/bc1`` for AdamW). ``numer`` and ``second`` are only read."""
+    lr = hp["lr"]
     denom = ops.sqrt(second)
-    denom = ops.div(denom, torch.sqrt(bc2), inplace=True)
+    denom = ops.div(denom, torch.sqrt(1 - hp["beta2"] ** step), inplace=True)
     denom = ops.add(denom, hp["eps"], inplace=True)
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
         inplace = True
     if ops.per_tensor:
         # differentiable path: scale the step explicitly so d/d(lr) stays finite at lr = 0
-        p = ops.add(p, ops.mul(ops.div(m, denom), -lr / bc1), inplace=inplace)
-    else:
-        # fold -lr/bc1 into the denominator (torch's capturable foreach form): one pass over p
-        denom = ops.div(denom, -lr / bc1, inplace=True)
-        p = ops.addcdiv(p, m, denom, inplace=inplace)
-    return p, new_b
+        return ops.add(p, ops.mul(ops.div(numer, denom), scale), inplace=inplace)
+    # fold the scale into the denominator (torch's capturable foreach form): one pass over p
+    return ops.addcdiv(p, numer, ops.div(denom, scale, inplace=True), inplace=inplace)
 
 
 def _adamw_fused(p, g, b, hp, step, *, decay, amsgrad, maximize):

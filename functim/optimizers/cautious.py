@@ -25,6 +25,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
+from .adamw import adaptive_step
 from .lion import decay_then_step
 
 NORMALIZATIONS = ("mean", "paper", "eps")
@@ -50,17 +51,8 @@ def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalizat
     m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
     v = ops.lerp(b["exp_avg_sq"], ops.mul(g, g), 1 - beta2, inplace=inplace)
     masked = ops.mul(cautious_mask(ops, m, g, normalization, hp["eps"]), m, inplace=True)
-    denom = ops.sqrt(v)
-    denom = ops.div(denom, torch.sqrt(1 - beta2**step), inplace=True)
-    denom = ops.add(denom, hp["eps"], inplace=True)
-    step_size = -lr / (1 - beta1**step)
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
-    if ops.per_tensor:
-        p = ops.add(p, ops.mul(ops.div(masked, denom), step_size), inplace=inplace)
-    else:
-        p = ops.addcdiv(p, masked, ops.div(denom, step_size, inplace=True), inplace=inplace)
+    p = adaptive_step(ops, p, masked, v, hp, -lr / (1 - beta1**step), step, decay=decay,
+                      inplace=inplace)
     return p, {"exp_avg": m, "exp_avg_sq": v}
 
 

@@ -31,6 +31,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
+from .adamw import adaptive_step
 
 VARIANTS = ("optax", "torch", "timm")
 
@@ -62,16 +63,7 @@ def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
     v = ops.lerp(b["exp_avg_sq"], ops.mul(g, g), 1 - hp["beta2"], inplace=inplace)
     coef_g, coef_m = _coefficients(hp, step, variant)
     numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
-    denom = ops.sqrt(v)
-    denom = ops.div(denom, torch.sqrt(1 - hp["beta2"] ** step), inplace=True)
-    denom = ops.add(denom, hp["eps"], inplace=True)
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
-    if ops.per_tensor:
-        p = ops.add(p, ops.mul(ops.div(numer, denom), -lr), inplace=inplace)
-    else:
-        p = ops.addcdiv(p, numer, ops.div(denom, -lr, inplace=True), inplace=inplace)
+    p = adaptive_step(ops, p, numer, v, hp, -lr, step, decay=decay, inplace=inplace)
     return p, {"exp_avg": m, "exp_avg_sq": v}
 
 
