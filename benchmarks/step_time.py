@@ -49,6 +49,51 @@ the worker's environment (torch's CPU allocator then aligns large allocations to
 madvises them as huge pages, which matters for the allocation-heavy pure path when the kernel's
 THP mode is ``madvise``).
 
+``--optimizers``: every functional functim optimizer
+-----------------------------------------------------
+Times one step of each functional optimizer in :data:`OPTIMIZERS` on case ``A`` (float32
+params, each optimizer's defaults except where the table says), each measurement in its own
+fresh subprocess:
+
+- eager: ``params, state = opt.update(params, grads, state, donate=True)`` (in place);
+- compiled (``--compile``, the default; ``--no-compile`` skips it): first
+  ``torch.compile(lambda p, g, s: opt.update(p, g, s, donate=True))``; if that fails to compile
+  or run, the pure ``torch.compile(lambda p, g, s: opt.update(p, g, s))``. The details table says
+  which form ran and whether its outputs are the input tensors (really in place) or new ones.
+  The first call (compile + one step) is timed on its own and excluded from ``ms/step``;
+  ``--cold-compile`` disables inductor's on-disk caches, so that the compile time does not
+  depend on earlier runs (otherwise a second run, or a second optimizer with the same graph,
+  compiles faster).
+
+Measured in the same run, at its start and again at its end, each in its own subprocess:
+``torch.optim.AdamW(foreach=True)`` and ``(fused=True)`` (the default mode's ``torch-foreach`` /
+``torch-fused`` workers, weight decay 0.1) and a memory-bandwidth probe over as many float32
+elements as case A has parameters: the median time of ``dst.copy_(src)`` at 8 bytes per element
+(one read, one write) and of ``dst.add_(src)`` at 12 (two reads, one write: the read-modify-write
+pattern of an in-place optimizer step; a plain store such as copy_'s can cost a hidden read of the
+destination, so copy_ at 8 bytes may understate the bandwidth). The ratios use the faster of the
+two AdamW times and the higher of the bandwidths (the stricter target and floor): timings on a
+shared 2-core machine drift a lot, so every progress line also shows the load average.
+
+Columns of the ``--optimizers`` table:
+
+- ``bytes/param``: the least memory traffic of one float32 step per parameter, from the
+  formula in :data:`OPTIMIZERS` (every tensor read or written once: e.g. AdamW reads p, g, m, v
+  and writes p, m, v: 28);
+- ``eager ms`` / ``compiled ms``: median per-step time over the timed steps;
+- ``eager x fused``: eager ms / ``torch.optim.AdamW(fused=True)`` ms;
+- ``eager target``: ``torch.optim.AdamW(foreach=True)`` ms x bytes/param / 28 (torch's foreach
+  AdamW's time scaled to this optimizer's traffic); met when ``eager ms`` is at most that;
+- ``floor ms``: bytes/param x n_params / the probe's GB/s (the time to move the bytes at the
+  measured bandwidth); ``compiled/floor``: target at most 1.5;
+- ``state x params``: bytes of every tensor in ``opt.init_state(params)`` except 0-d scalars
+  (step, hyperparameters), over 4 x n_params; against the number in algorithms.md §14.
+
+Each worker also sums ``|p_final - p_initial|`` (after the same number of steps); the script
+warns when an optimizer's compiled sum differs from its eager one by more than a relative 1e-4.
+Optional optimizers (MARS, schedule-free AdamW) whose module does not import are listed as
+"not available" and skipped.
+
 How to run
 ----------
 From a source checkout (``functim.adapters`` is registered by hand if it is not installed)::
@@ -56,6 +101,8 @@ From a source checkout (``functim.adapters`` is registered by hand if it is not 
     cd /work/main && PYTHONPATH=/work/main python benchmarks/step_time.py
     python benchmarks/step_time.py --case A --steps 20 --impl functional-pure,adapter
     python benchmarks/step_time.py --case B --thp-compare --threads 1
+    python benchmarks/step_time.py --optimizers --cold-compile    # eager + compiled, ~35 min
+    python benchmarks/step_time.py --optimizers --no-compile --only lion,signsgd --steps 5
 
 Timings are wall-clock: other processes on the machine distort them (with 2 threads on 2 cores,
 one busy core can make a step several times slower), so the load average is printed before and
@@ -63,13 +110,16 @@ after the run, and ``min ms`` is shown next to the median. The first touch of fr
 be expensive in a VM, which mostly affects the allocating ``functional-pure`` path.
 
 The default run (both cases, all implementations) takes a few minutes on a 2-core machine
-and needs about 5 GB of free memory for case A.
+and needs about 5 GB of free memory for case A. ``--optimizers`` with ``--compile`` takes about
+half an hour there (each inductor compile of the 148-tensor update takes 30-130 s) and needs
+about 6 GB (a compiled pure step holds new params and state next to the old ones).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib.util
 import json
 import os
@@ -342,15 +392,16 @@ HEADER = ["case", "impl", "median ms", "min ms", "GB/s", "peak dRSS MB", "dRSS a
           "x fused"]
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
+def markdown_table(rows: list[list[str]], header: list[str] = HEADER, n_left: int = 2) -> str:
+    """A markdown table; the first ``n_left`` columns left-aligned, the others right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    sep = "|" + "|".join("-" * (w + 1) + ":" if i >= 2 else "-" * (w + 2)
+    sep = "|" + "|".join("-" * (w + 1) + ":" if i >= n_left else "-" * (w + 2)
                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(HEADER), sep] + [line(r) for r in rows])
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
 def parse_impls(text: str | None) -> list[str]:
@@ -380,6 +431,464 @@ def load_average() -> str:
         return "unknown"
 
 
+# -- every functional optimizer (--optimizers) ------------------------------------------------
+class OptSpec:
+    """One row of the ``--optimizers`` benchmark."""
+
+    def __init__(self, build: str, make, bytes_formula: str, state_ref: float,
+                 state_ref_text: str = "", module: str | None = None):
+        self.build = build  # the constructor call, as text
+        self.make = make  # () -> optimizer; for an optional one, (its constructor) -> optimizer
+        self.bytes_formula = bytes_formula  # "p rw 8 + g r 4 + ...": summed for bytes/param
+        self.bytes = sum(int(term.split()[-1]) for term in bytes_formula.split("+"))
+        self.state_ref = state_ref  # algorithms.md §14, state tensors x param count
+        self.state_ref_text = state_ref_text or f"{state_ref:g}"
+        self.module = module  # "pkg.module:function" of an optional optimizer, else None
+
+
+# bytes/param: float32 traffic of one step, each tensor read ("r") or read and written ("rw")
+# once; "rw 8" = 4 bytes read + 4 written. §14 counts state tensors per param, scalars ignored.
+ADAM_BYTES = "p rw 8 + g r 4 + m rw 8 + v rw 8"
+OPTIMIZERS: dict[str, OptSpec] = {
+    "adamw": OptSpec("ft.adamw(fused=False)", lambda: ft.adamw(fused=False), ADAM_BYTES, 2),
+    "adamw-fused": OptSpec("ft.adamw()", lambda: ft.adamw(), ADAM_BYTES, 2),
+    "sgd-momentum": OptSpec("ft.sgd(momentum=0.9)", lambda: ft.sgd(momentum=0.9),
+                            "p rw 8 + g r 4 + buf rw 8", 1),
+    "nadamw": OptSpec("ft.nadamw()", lambda: ft.nadamw(), ADAM_BYTES, 2),
+    "nadamw-torch": OptSpec('ft.nadamw(variant="torch")', lambda: ft.nadamw(variant="torch"),
+                            ADAM_BYTES, 2),
+    "cautious-adamw": OptSpec("ft.cautious_adamw()", lambda: ft.cautious_adamw(), ADAM_BYTES, 2),
+    "cautious-lion": OptSpec("ft.cautious_lion()", lambda: ft.cautious_lion(),
+                             "p rw 8 + g r 4 + m rw 8", 1),
+    "lion": OptSpec("ft.lion()", lambda: ft.lion(), "p rw 8 + g r 4 + m rw 8", 1),
+    "signsgd": OptSpec("ft.signsgd()", lambda: ft.signsgd(), "p rw 8 + g r 4", 0),
+    "signum": OptSpec("ft.signum()", lambda: ft.signum(), "p rw 8 + g r 4 + m rw 8", 1),
+    "mars": OptSpec("mars()", lambda ctor: ctor(),
+                    "p rw 8 + g r 4 + m rw 8 + v rw 8 + last_grad rw 8", 3, "3 (exact 4)",
+                    module="functim.optimizers.mars:mars"),
+    "sf-adamw": OptSpec("schedule_free_adamw()", lambda ctor: ctor(),
+                        "p(y) rw 8 + g r 4 + z rw 8 + v rw 8", 2, "2 (reference 4)",
+                        module="functim.optimizers.schedule_free:schedule_free_adamw"),
+}
+OPT_REFERENCES = ("torch-foreach", "torch-fused")  # default-mode workers, run in the same run
+OPT_WORKER_TIMEOUT_S = 1800
+
+
+def optional_constructor(spec: OptSpec):
+    """The constructor of an optional optimizer; raises if its module does not import."""
+    mod_name, fn_name = spec.module.split(":")
+    return getattr(importlib.import_module(mod_name), fn_name)
+
+
+def availability(name: str) -> str | None:
+    """None if the optimizer can be built here, else why not."""
+    spec = OPTIMIZERS[name]
+    if spec.module is None:
+        return None
+    try:
+        optional_constructor(spec)
+    except Exception as e:  # a module being written may fail in any way
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def make_optimizer(name: str):
+    spec = OPTIMIZERS[name]
+    return spec.make(optional_constructor(spec)) if spec.module else spec.make()
+
+
+def source_version() -> str:
+    """The git commit and a digest of functim's and the adapters' sources (other people may
+    change them while a long run goes on)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    digest = hashlib.sha1()
+    for folder in ("functim", "adapters"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return f"commit {head or 'unknown'}, sources {digest.hexdigest()[:12]}"
+
+
+def state_nbytes(state) -> int:
+    """Bytes of every tensor of dim >= 1 in a (nested) state; 0-d scalars are left out."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() if state.dim() > 0 else 0
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def _leaves(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves(v)]
+    return []
+
+
+def _moved(final: dict, shapes) -> float:
+    gen = torch.Generator().manual_seed(PARAM_SEED)
+    moved = 0.0
+    for name, shape in shapes:
+        p0 = torch.randn(shape, generator=gen).mul_(0.02)
+        moved += float(final[name].sub(p0).abs_().sum(dtype=torch.float64))
+    return moved
+
+
+def run_opt_worker(name: str, mode: str, steps: int, warmup: int) -> dict:
+    """Time ``steps`` updates of one functim optimizer on case A, eager (donated) or compiled.
+
+    ``warmup`` untimed updates come first (at least 1; in compiled mode the first is the
+    compiling call, timed on its own), so both modes do the same number of updates."""
+    shapes = case_shapes("A")
+    numel = n_params(shapes)
+    warmup = max(warmup, 1)
+    opt = make_optimizer(name)
+    res: dict = {"name": name, "mode": mode, "optimizer": repr(opt),
+                 "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup}
+    if mode == "eager":
+        # lazy imports, code pages and thread pools in place before the memory baseline
+        tiny = [("a", (256, 256)), ("b", (100_000,)), ("c", (8,))]
+        tp, tg = random_tensors(tiny, 2, 0.02), random_tensors(tiny, 3, 1e-3)
+        ts = opt.init_state(tp)
+        for _ in range(3):
+            tp, ts = opt.update(tp, tg, ts, donate=True)
+        del tp, tg, ts
+        gc.collect()
+
+    grads = random_tensors(shapes, GRAD_SEED, 1e-3)
+
+    def fresh() -> dict:
+        params = random_tensors(shapes, PARAM_SEED, 0.02)
+        state = opt.init_state(params)
+        res["state_bytes"] = state_nbytes(state)
+        res["state_x_params"] = res["state_bytes"] / (4 * numel)
+        return {"p": params, "s": state}
+
+    box = fresh()
+    first_call_s = None
+    if mode == "eager":
+        def step():
+            box["p"], box["s"] = opt.update(box["p"], grads, box["s"], donate=True)
+
+        res["call"] = "opt.update(params, grads, state, donate=True)"
+        res["in_place"] = True
+    else:
+        from torch._dynamo import reset as dynamo_reset
+
+        forms = [
+            ("donate", "torch.compile(lambda p, g, s: opt.update(p, g, s, donate=True))",
+             lambda p, g, s: opt.update(p, g, s, donate=True)),
+            ("pure", "torch.compile(lambda p, g, s: opt.update(p, g, s))",
+             lambda p, g, s: opt.update(p, g, s)),
+        ]
+        failures = []
+        for form, text, fn in forms:
+            compiled = torch.compile(fn)
+            before = {id(t): t.data_ptr() for t in _leaves(box["p"]) + _leaves(box["s"])}
+            try:
+                t0 = time.perf_counter()
+                new_p, new_s = compiled(box["p"], grads, box["s"])
+                first_call_s = time.perf_counter() - t0
+            except Exception as e:
+                failures.append(f"{form}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                dynamo_reset()
+                box = fresh()  # the failed call may have written some tensors
+                continue
+            outs = _leaves(new_p) + [t for t in _leaves(new_s) if t.dim() > 0]
+            old_ptrs = set(before.values())
+            res["in_place"] = all(t.data_ptr() in old_ptrs for t in outs)
+            box["p"], box["s"] = new_p, new_s
+            res["call"], res["form"] = text, form
+            break
+        else:
+            raise RuntimeError("every compiled form failed: " + "; ".join(failures))
+        res["compile_failures"] = failures
+        warmup -= 1  # the compiling call was the first warmup update
+
+        def step():
+            box["p"], box["s"] = compiled(box["p"], grads, box["s"])
+
+    # memory taken by the steps themselves (temporaries, new outputs), the state already held
+    mem = PeakRSS()
+    mem.start()
+    warm_times, times = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        (times if i >= warmup else warm_times).append(t1 - t0)
+    peak_mb, after_mb = mem.stop()
+    if mode != "eager":
+        from torch._dynamo.utils import counters
+
+        res["graphs"] = int(counters["stats"].get("unique_graphs", 0))
+    res.update({
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "first_call_s": first_call_s,
+        "max_warmup_ms": max(warm_times) * 1e3 if warm_times else None,
+        "peak_mb": peak_mb,
+        "after_mb": after_mb,
+        "mem_method": mem.method,
+        "moved": _moved(box["p"], shapes),
+    })
+    return res
+
+
+# (name, bytes per element counted, op): copy_ counts its read and its write (8 bytes), as the
+# bytes/param formulas do; add_ reads dst and src and writes dst (12 bytes), the read-modify-write
+# pattern of an in-place optimizer step (a plain store like copy_'s may also read the destination
+# line first, write-allocate, so 8 bytes can undercount copy_'s real traffic).
+BW_PROBES = (("copy_", 8, lambda dst, src: dst.copy_(src)),
+             ("add_", 12, lambda dst, src: dst.add_(src)))
+
+
+def run_bandwidth_probe(numel: int, reps: int = 15) -> dict:
+    """Median times of ``dst.copy_(src)`` and ``dst.add_(src)`` over ``numel`` float32 each, as
+    GB/s at the bytes per element in :data:`BW_PROBES`; ``gbps`` is the higher of the two."""
+    src = torch.rand(numel)
+    dst = torch.empty(numel)
+    dst.copy_(src)  # first touch
+    res: dict = {"numel": numel, "reps": reps, "threads": torch.get_num_threads()}
+    for name, nbytes, op in BW_PROBES:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            op(dst, src)
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        res[name] = {"bytes": nbytes, "median_ms": median * 1e3, "min_ms": min(times) * 1e3,
+                     "gbps": nbytes * numel / median / 1e9}
+    res["gbps"] = max(res[name]["gbps"] for name, _, _ in BW_PROBES)
+    return res
+
+
+def measure_references(steps: int, warmup: int, threads: int | None, when: str) -> dict:
+    """The bandwidth probe and torch.optim.AdamW foreach/fused on case A, each in a fresh
+    worker; printed as they come."""
+    out = {"probe": spawn_worker(["--bw-probe", "--case", "A"], threads)}
+    bw = out["probe"]
+    if "error" in bw:
+        print(f"  {'bandwidth probe':<16} {when:<8} FAILED: {bw['error']}", flush=True)
+    else:
+        parts = [f"{name} {bw[name]['median_ms']:.1f} ms = {bw[name]['gbps']:.2f} GB/s at "
+                 f"{nbytes} B/elem" for name, nbytes, _ in BW_PROBES]
+        print(f"  {'bandwidth probe':<16} {when:<8} " + "; ".join(parts)
+              + f"  [load {load_average()}]", flush=True)
+    for impl in OPT_REFERENCES:
+        r = spawn_worker(["--worker", "--case", "A", "--impl", impl, "--steps", str(steps),
+                          "--warmup", str(warmup)], threads)
+        out[impl] = r
+        if "error" in r:
+            print(f"  {impl:<16} {when:<8} FAILED: {r['error']}", flush=True)
+        else:
+            print(f"  {impl:<16} {when:<8} median {r['median_ms']:8.1f} ms  min "
+                  f"{r['min_ms']:8.1f} ms  (torch.optim.AdamW, "
+                  f"{'fused' if 'fused' in impl else 'foreach'})  [load {load_average()}]",
+                  flush=True)
+    return out
+
+
+def _best(runs: list[dict], key: str, pick=min) -> float | None:
+    values = [r[key] for r in runs if "error" not in r]
+    return pick(values) if values else None
+
+
+def spawn_worker(worker_args: list[str], threads: int | None, env_extra: dict | None = None,
+                 timeout: float | None = None) -> dict:
+    """Run this script with ``worker_args`` in a fresh process; its result dict or an error."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *worker_args]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {timeout:.0f} s", "stderr": str(e.stderr or "")}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    err = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return {"error": err, "stderr": proc.stderr}
+
+
+def parse_optimizers(text: str | None) -> list[str]:
+    if not text:
+        return list(OPTIMIZERS)
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in OPTIMIZERS]
+    if bad:
+        raise SystemExit(f"unknown --only {bad}; choose from {', '.join(OPTIMIZERS)}")
+    return [n for n in OPTIMIZERS if n in chosen]
+
+
+def _ms(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
+def optimizers_main(args) -> int:
+    if args.case not in ("both", "A"):
+        raise SystemExit("--optimizers runs case A (GPT-2 small shapes) only")
+    if args.impl or args.thp_compare:
+        raise SystemExit("--impl and --thp-compare belong to the default mode, not --optimizers")
+    names = parse_optimizers(args.only)
+    shapes = case_shapes("A")
+    numel = n_params(shapes)
+    steps = args.steps or DEFAULT_STEPS["A"]
+    warmup = max(1, DEFAULT_WARMUP["A"] if args.warmup is None else args.warmup)
+    threads = args.threads or torch.get_num_threads()
+    version = source_version()
+    print(f"torch {torch.__version__}, functim from {pathlib.Path(ft.__file__).parent} "
+          f"({version})")
+    print(f"threads: {threads} (torch.get_num_threads in workers), cpus: {os.cpu_count()}")
+    print(f"load average (1/5/15 min): {load_average()}")
+    print(f"case A ({CASE_TITLES['A']}): {len(shapes)} tensors, {numel:,} params, float32; "
+          f"{warmup} warmup + {steps} timed steps per measurement; compiled: "
+          f"{'yes' if args.compile else 'no'}"
+          f"{' (inductor caches disabled)' if args.cold_compile else ''}")
+
+    ref_runs = [measure_references(steps, warmup, args.threads, "start")]
+
+    results: dict[tuple[str, str], dict] = {}
+    missing: dict[str, str] = {}
+    cold = {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"} if args.cold_compile else {}
+    for name in names:
+        why = availability(name)
+        if why is not None:
+            missing[name] = why
+            print(f"  {name:<16} not available ({why})", flush=True)
+            continue
+        modes = ["eager"] + (["compiled"] if args.compile else [])
+        for mode in modes:
+            r = spawn_worker(["--opt-worker", name, "--opt-mode", mode, "--steps", str(steps),
+                              "--warmup", str(warmup)], args.threads,
+                             cold if mode == "compiled" else None, OPT_WORKER_TIMEOUT_S)
+            results[(name, mode)] = r
+            if "error" in r:
+                print(f"  {name:<16} {mode:<8} FAILED: {r['error']}", flush=True)
+                continue
+            extra = ""
+            if mode == "compiled":
+                extra = (f"  first call {r['first_call_s']:.1f} s ({r['form']}, "
+                         f"{'in place' if r['in_place'] else 'new tensors'})")
+            print(f"  {name:<16} {mode:<8} median {r['median_ms']:8.1f} ms  min "
+                  f"{r['min_ms']:8.1f} ms  step peak dRSS {r['peak_mb']:5.0f} MB  state x params "
+                  f"{r['state_x_params']:.3f}{extra}  [load {load_average()}]", flush=True)
+    ref_runs.append(measure_references(steps, warmup, args.threads, "end"))
+
+    print(f"\nload average after the run (1/5/15 min): {load_average()}")
+    version_after = source_version()
+    if version_after != version:
+        print(f"WARNING: functim's sources changed during the run ({version} at the start, "
+              f"{version_after} at the end): rows may come from different code")
+    # references measured at the start and at the end of the run; the ratios use the faster
+    # AdamW times and the higher bandwidth (the stricter targets and floors)
+    foreach = _best([r["torch-foreach"] for r in ref_runs], "median_ms")
+    fused = _best([r["torch-fused"] for r in ref_runs], "median_ms")
+    gbps = _best([r["probe"] for r in ref_runs], "gbps", max)
+    print("\nReferences (same run, the better of start and end): torch.optim.AdamW(foreach=True) "
+          f"{_ms(foreach) or 'failed'} ms, (fused=True) {_ms(fused) or 'failed'} ms; "
+          f"bandwidth {'failed' if gbps is None else f'{gbps:.2f} GB/s'} "
+          "(the higher of copy_ at 8 and add_ at 12 bytes/elem)")
+
+    header = ["optimizer", "bytes/param", "eager ms", "eager x fused-AdamW",
+              "eager target ms (met)", "compiled ms", "floor ms", "compiled/floor (<=1.5)",
+              "state x params (§14)"]
+    rows, details, warnings = [], [], []
+    for name in names:
+        spec = OPTIMIZERS[name]
+        if name in missing:
+            rows.append([name, str(spec.bytes), "not available", "", "", "", "", "",
+                         f"- ({spec.state_ref_text})"])
+            continue
+        e = results.get((name, "eager"), {})
+        c = results.get((name, "compiled"))
+        e_ok = "error" not in e
+        c_ok = c is not None and "error" not in c
+        floor = None if gbps is None else spec.bytes * numel / (gbps * 1e9) * 1e3
+        target = None if foreach is None else foreach * spec.bytes / 28
+        cells = [name, str(spec.bytes)]
+        if e_ok:
+            cells += [f"{e['median_ms']:.1f}",
+                      "" if fused is None else f"{e['median_ms'] / fused:.2f}",
+                      "" if target is None else
+                      f"{target:.1f} ({'yes' if e['median_ms'] <= target else 'NO'})"]
+        else:
+            cells += ["failed", "", "" if target is None else f"{target:.1f}"]
+        if c is None:
+            cells += ["not run", _ms(floor), ""]
+        elif c_ok:
+            ratio = "" if floor is None else c["median_ms"] / floor
+            cells += [f"{c['median_ms']:.1f}", _ms(floor),
+                      "" if floor is None else f"{ratio:.2f} ({'yes' if ratio <= 1.5 else 'NO'})"]
+        else:
+            cells += ["failed", _ms(floor), ""]
+        measured = e.get("state_x_params", (c or {}).get("state_x_params"))
+        if measured is None:
+            cells.append(f"? ({spec.state_ref_text})")
+        else:
+            flag = "" if abs(measured - spec.state_ref) < 1e-3 else " DIFFERS"
+            cells.append(f"{measured:.3f} ({spec.state_ref_text}){flag}")
+        rows.append(cells)
+        if c_ok and e_ok:
+            rel = abs(c["moved"] - e["moved"]) / max(e["moved"], 1e-30)
+            if rel > 1e-4:
+                warnings.append(f"{name}: compiled sum|p - p0| = {c['moved']:.6g} vs eager "
+                                f"{e['moved']:.6g} (rel diff {rel:.2e})")
+        details.append([
+            name, spec.build if not spec.module else
+            f"{spec.module.split(':')[0]}.{spec.build}",
+            spec.bytes_formula,
+            f"{e['min_ms']:.1f}" if e_ok else "",
+            f"{e['peak_mb']:.0f}" if e_ok else "",
+            "" if not c_ok else c["form"] + (" (in place)" if c["in_place"] else
+                                             " (new tensors)"),
+            f"{c['first_call_s']:.1f}" if c_ok else "",
+            str(c.get("graphs", "")) if c_ok else "",
+            f"{c['min_ms']:.1f}" if c_ok else "",
+            f"{c['median_ms'] / fused:.2f}" if c_ok and fused else "",
+            f"{c['peak_mb']:.0f}" if c_ok else "",
+        ])
+    print("\n" + markdown_table(rows, header, n_left=1))
+    print("\nDetails: constructor; bytes/param formula; min ms/step; step peak dRSS = peak "
+          "resident memory during the steps minus that just before them (state already held: "
+          "temporaries and, on a pure path, the new params and state); the compiled call (the "
+          "first form that worked; 'new tensors' = its outputs are not the input tensors); the "
+          "first compiled call (compile + 1 step, excluded from ms/step); dynamo graphs.\n")
+    dheader = ["optimizer", "constructor", "bytes/param formula", "eager min ms",
+               "eager step peak MB", "compiled form", "compile s", "graphs", "compiled min ms",
+               "compiled x fused-AdamW", "compiled step peak MB"]
+    print(markdown_table(details, dheader, n_left=3))
+    for name in names:
+        c = results.get((name, "compiled"))
+        if c and "error" not in c and c.get("compile_failures"):
+            print(f"note: {name}: " + "; ".join(c["compile_failures"]))
+        if c and "error" not in c and c.get("max_warmup_ms") and \
+                c["max_warmup_ms"] > 5 * c["median_ms"] + 1000:
+            print(f"note: {name}: a compiled warmup step took {c['max_warmup_ms'] / 1e3:.1f} s "
+                  "(a recompilation?)")
+    for w in warnings:
+        print("WARNING: different result: " + w)
+    failed = [(k, r) for k, r in list(results.items())
+              + [((k, when), r) for when, refs in zip(("start", "end"), ref_runs)
+                 for k, r in refs.items()] if "error" in r]
+    for (name, mode), r in failed:
+        print(f"\n{name} {mode} failed; worker stderr:\n{r.get('stderr', '').rstrip()[-4000:]}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--case", choices=("A", "B", "both"), default="both")
@@ -394,8 +903,33 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.set_num_threads in each worker (default: torch's default)")
     ap.add_argument("--thp-compare", action="store_true",
                     help="also run functional-pure with THP_MEM_ALLOC_ENABLE=1")
+    ap.add_argument("--optimizers", action="store_true",
+                    help="benchmark every functional functim optimizer on case A, eager and "
+                         "compiled, against torch's AdamW and a copy-bandwidth floor")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="--optimizers: also time the torch.compile'd update (default: yes)")
+    ap.add_argument("--cold-compile", action="store_true",
+                    help="--optimizers: disable inductor's on-disk caches in compiled workers")
+    ap.add_argument("--only", default=None,
+                    help=f"--optimizers: comma-separated subset of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--opt-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--opt-mode", choices=("eager", "compiled"), default="eager",
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--bw-probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+
+    if args.opt_worker or args.bw_probe:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.bw_probe:
+            res = run_bandwidth_probe(n_params(case_shapes("A")))
+        else:
+            res = run_opt_worker(args.opt_worker, args.opt_mode, args.steps, args.warmup)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+    if args.optimizers:
+        return optimizers_main(args)
 
     if args.worker:
         if args.threads:
