@@ -16,6 +16,7 @@ never leaves anything half-updated.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ State = dict
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-class Optimizer:
+class Optimizer(abc.ABC):
     """A functim optimizer: pure ``init_state(params)`` and ``update(params, grads, state)``.
 
     Build ad-hoc ones with :meth:`from_functions`; the library's optimizers are subclasses.
@@ -46,13 +47,15 @@ class Optimizer:
 
     name: str = "optimizer"
 
+    @abc.abstractmethod
     def init_state(self, params: PyTree) -> State:
-        raise NotImplementedError
+        """The complete state for ``params`` (every key present, correct dtypes)."""
 
+    @abc.abstractmethod
     def update(
         self, params: PyTree, grads: PyTree, state: State, *, donate: bool = False, **extra: Any
     ) -> tuple[PyTree, State]:
-        raise NotImplementedError
+        """One step: ``(new params, new state)``; see the module docstring for ``donate``."""
 
     def validate(self, params: PyTree, grads: PyTree, state: State) -> None:
         """Raise ValueError/TypeError if ``update`` would reject these inputs; modifies nothing.

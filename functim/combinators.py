@@ -11,6 +11,7 @@ handled), so nested states still line up with the params tree.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,19 +34,20 @@ PyTree = Any
 
 
 # -- gradient transforms ------------------------------------------------------------------
-class GradientTransform:
+class GradientTransform(abc.ABC):
     """A pure gradient pre-processing step:
     ``transform(grads, state, params) -> (grads, state)``."""
 
     name = "transform"
 
+    @abc.abstractmethod
     def init_state(self, params: PyTree) -> State:
-        raise NotImplementedError
+        """The transform's complete state."""
 
+    @abc.abstractmethod
     def transform(self, grads: PyTree, state: State, params: PyTree,
                   step: torch.Tensor | None = None) -> tuple[PyTree, State]:
         """``step``: completed updates of the optimizer it precedes (for schedules)."""
-        raise NotImplementedError
 
     def hyperparam_ranges(self) -> dict:
         return {}

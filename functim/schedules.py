@@ -12,6 +12,7 @@ also accept a Python int or a vector of steps (handy for plotting).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -32,18 +33,21 @@ def _check(name: str, value: float, *, low: float = 0.0, allow_equal: bool = Tru
         raise ValueError(f"schedule argument {name!r} must be finite and {op} {low}, got {value}")
 
 
-class Schedule:
-    """Base class: ``schedule(step) -> 0-d float64 tensor``. Subclasses are frozen dataclasses."""
+class Schedule(abc.ABC):
+    """Base class: ``schedule(step) -> float64 tensor`` (0-d for a 0-d step). Subclasses are
+    frozen dataclasses."""
 
-    def __call__(self, step) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, step) -> torch.Tensor:
+        """The value at ``step`` completed updates."""
 
+    @abc.abstractmethod
     def min_value(self) -> float:
         """The smallest value the schedule takes (used to validate hyperparameter ranges)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def max_value(self) -> float:
-        raise NotImplementedError
+        """The largest value the schedule takes."""
 
 
 def _warmup(s: torch.Tensor, init: float, peak: float, steps: int, offset: int) -> torch.Tensor:
