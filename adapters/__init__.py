@@ -3,8 +3,23 @@ configs). Depends on ``functim``'s public API only."""
 
 from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
 from .mars import Mars
+from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
-__all__ = ["SGD", "AdamW", "CautiousAdamW", "CautiousLion", "FunctimOptimizer", "Lion", "Mars",
-           "NAdamW", "NamedAdapter", "ScheduleFreeAdamW", "SignSGD", "Signum"]
+__all__ = [
+    "AdamW",
+    "CautiousAdamW",
+    "CautiousLion",
+    "FunctimOptimizer",
+    "Lion",
+    "Mars",
+    "Muon",
+    "NAdamW",
+    "NamedAdapter",
+    "SGD",
+    "ScheduleFreeAdamW",
+    "Scion",
+    "SignSGD",
+    "Signum",
+]

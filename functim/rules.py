@@ -179,13 +179,44 @@ def _safe_table(rows: Explanation) -> str:
     return str(rows)
 
 
+# Parameter-name conventions of common LM codebases (nanoGPT, HF transformers, OLMo-core, Meta
+# Llama), matched against dotted paths.
+BIAS_GLOBS = ("*bias", "*.b")
+NORM_GLOBS = ("*norm*", "*ln_*", "*ln", "*ln[0-9]*", "*ln_f*", "*layernorm*")
+EMBEDDING_GLOBS = ("*embed*", "*wte*", "*wpe*", "*tok_emb*", "*pos_emb*")
+OUTPUT_HEAD_GLOBS = ("*lm_head*", "head.*", "*.head.*", "output.weight", "*unembed*")
+
+
+def _below_2d(n: int) -> bool:
+    return n < 2
+
+
+def _at_least_2d(n: int) -> bool:
+    return n >= 2
+
+
 NO_DECAY_RULES: tuple[Rule, ...] = (
-    Rule("no_decay", ndim=lambda n: n < 2),
-    Rule("no_decay", path=["*bias", "*.b"]),
-    Rule("no_decay", path=["*norm*", "*ln_*", "*ln", "*ln[0-9]*", "*ln_f*", "*layernorm*"]),
-    Rule("no_decay", path=["*embed*", "*wte*", "*wpe*", "*tok_emb*", "*pos_emb*"]),
+    Rule("no_decay", ndim=_below_2d),
+    Rule("no_decay", path=list(BIAS_GLOBS)),
+    Rule("no_decay", path=list(NORM_GLOBS)),
+    Rule("no_decay", path=list(EMBEDDING_GLOBS)),
     Rule("decay"),
 )
+
+
+def lm_routing(*, hidden: str, vector: str, embedding: str, output: str) -> tuple[Rule, ...]:
+    """The default routing of a language model's parameters (design.md §4), first match wins:
+    ndim < 2 leaves, biases and norms → ``vector``; input embeddings → ``embedding``; the output
+    head (``lm_head``, ``output.weight``; a tied head is the embedding) → ``output``; every other
+    leaf with ndim ≥ 2 → ``hidden``. Muon uses ``hidden="muon"`` and ``"adamw"`` elsewhere; Scion
+    maps the four labels to its norms."""
+    return (
+        Rule(vector, ndim=_below_2d),
+        Rule(vector, path=list(BIAS_GLOBS + NORM_GLOBS)),
+        Rule(embedding, path=list(EMBEDDING_GLOBS)),
+        Rule(output, path=list(OUTPUT_HEAD_GLOBS)),
+        Rule(hidden, ndim=_at_least_2d),
+    )
 
 
 def default_weight_decay_mask(path: str, leaf: torch.Tensor) -> bool:

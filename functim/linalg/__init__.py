@@ -1,0 +1,17 @@
+"""Matrix maths shared by the matrix optimizers (Muon, Scion, SOAP, Kron): Newton–Schulz
+orthogonalisation, matrix views / dimension merging of N-D tensors, eigenbases and triangular
+preconditioners. Each piece is defined once here and used by every optimizer that needs it."""
+
+from .newton_schulz import NS5_COEFFICIENTS, default_ns_dtype, orthogonalize, orthogonalize_many
+from .shapes import (
+    MatrixDims,
+    from_matrix,
+    kron_merge_shape,
+    matrix_shape,
+    soap_merge_shape,
+    to_matrix,
+)
+
+__all__ = ["NS5_COEFFICIENTS", "MatrixDims", "default_ns_dtype", "kron_merge_shape",
+           "from_matrix", "matrix_shape", "orthogonalize", "orthogonalize_many",
+           "soap_merge_shape", "to_matrix"]
