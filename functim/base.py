@@ -95,7 +95,10 @@ def state_device(leaves: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def check_state_keys(owner: str, state: Any, expected: Sequence[str]) -> None:
+def check_state_keys(owner: str, state: Any, expected: Sequence[str],
+                     hyperparams: Sequence[str] | None = None) -> None:
+    """The state's top-level keys are ``expected`` (and, when ``hyperparams`` is given,
+    ``state["hyperparams"]`` has exactly those names); raises naming what differs."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{owner}: state must be a dict made by {owner}.init_state, got "
                         f"{type(state).__name__}")
@@ -105,6 +108,12 @@ def check_state_keys(owner: str, state: Any, expected: Sequence[str]) -> None:
             f"{owner}: this state was not made by {owner}.init_state (or by another "
             f"configuration of it): expected keys {sorted(want)}, got {sorted(got)}"
         )
+    if hyperparams is not None:
+        stored = state[HPARAMS_KEY]
+        if not isinstance(stored, Mapping) or set(stored) != set(hyperparams):
+            got = sorted(stored) if isinstance(stored, Mapping) else stored
+            raise ValueError(f"{owner}: state['{HPARAMS_KEY}'] must have "
+                             f"{sorted(hyperparams)}, got {got}")
 
 
 def decay_flags(mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
@@ -231,12 +240,8 @@ class ElementwiseOptimizer(Optimizer):
 
     def _check_state(self, params, p_leaves, state) -> dict[str, list]:
         check_state_keys(self.name, state,
-                         ["step", HPARAMS_KEY, *self.scalars, *self.buffer_names])
-        stored = state[HPARAMS_KEY]
-        if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
-            got = sorted(stored) if isinstance(stored, Mapping) else stored
-            raise ValueError(f"{self.name}: state['{HPARAMS_KEY}'] must have "
-                             f"{sorted(self.hyperparams)}, got {got}")
+                         ["step", HPARAMS_KEY, *self.scalars, *self.buffer_names],
+                         hyperparams=self.hyperparams)
         bufs = {}
         for b in self.buffer_names:
             try:

@@ -31,7 +31,17 @@ TensorList = list[torch.Tensor]
 
 
 def under_torch_func() -> bool:
-    """True exactly when running inside a torch.func transform (vmap, grad, jvp, ...)."""
+    """True exactly when running inside a torch.func transform (vmap, grad, jvp, ...).
+
+    Under ``torch.compile`` this is always False: dynamo does not answer
+    ``peek_interpreter_stack()`` faithfully (it reads as non-None even outside any transform),
+    and a compiled update must take the foreach path so that the graph updates donated buffers
+    in place instead of allocating a second copy of params and state. So ``torch.compile`` of a
+    function that calls ``torch.func.vmap``/``grad`` over a functim update is not supported
+    (foreach ops have no batching rule); run such transforms eagerly.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 

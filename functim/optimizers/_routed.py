@@ -172,12 +172,8 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         return state
 
     def _check_state(self, params, p_leaves, plans, state) -> dict[str, list]:
-        check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffers])
-        stored = state[HPARAMS_KEY]
-        if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
-            got = sorted(stored) if isinstance(stored, Mapping) else stored
-            raise ValueError(f"{self.name}: state['{HPARAMS_KEY}'] must have "
-                             f"{sorted(self.hyperparams)}, got {got}")
+        check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffers],
+                         hyperparams=self.hyperparams)
         bufs = {}
         for b, owners in self.buffers.items():
             try:
