@@ -5,6 +5,7 @@ from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Sig
 from .mars import Mars
 from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
+from .sophia import Sophia
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "Scion",
     "SignSGD",
     "Signum",
+    "Sophia",
 ]

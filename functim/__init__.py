@@ -16,6 +16,7 @@ from .combinators import (
     skip_nonfinite,
 )
 from .ensemble import ensemble, vmap_axes
+from .hessian import gnb_hessian, hutchinson_hessian
 from .hyperparams import get_hyperparams, set_hyperparams
 from .linalg import MatrixDims, orthogonalize
 from .optimizers import (
@@ -38,6 +39,7 @@ from .optimizers import (
     sgd,
     signsgd,
     signum,
+    sophia,
 )
 from .rules import NO_DECAY_RULES, Rule, default_weight_decay_mask, explain, lm_routing
 from .schedules import (
@@ -75,6 +77,8 @@ __all__ = [
     "explain",
     "get_hyperparams",
     "global_norm",
+    "gnb_hessian",
+    "hutchinson_hessian",
     "linear_warmup",
     "lion",
     "lm_routing",
@@ -92,6 +96,7 @@ __all__ = [
     "signsgd",
     "signum",
     "skip_nonfinite",
+    "sophia",
     "warmup_cosine",
     "vmap_axes",
     "wsd",

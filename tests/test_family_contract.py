@@ -29,6 +29,7 @@ FUNCTIONAL = {
     "muon_sum_moonlight": lambda: ft.muon(lr=1e-2, momentum_form="sum", scale_mode="moonlight"),
     "scion": lambda: ft.scion(lr=1e-2, momentum=0.1),
     "scion_unconstrained": lambda: ft.scion(lr=1e-2, unconstrained=True),
+    "sophia": lambda: ft.sophia(lr=1e-2, weight_decay=0.1),
 }
 
 ADAPTERS = {
@@ -44,6 +45,7 @@ ADAPTERS = {
     "ScheduleFreeAdamW": lambda ps: adapters.ScheduleFreeAdamW(ps, lr=1e-2, warmup_steps=2),
     "Muon": lambda ps: adapters.Muon(ps, lr=1e-2, weight_decay=0.1),
     "Scion": lambda ps: adapters.Scion(ps, lr=1e-2, momentum=0.1),
+    "Sophia": lambda ps: adapters.Sophia(ps, lr=1e-2, weight_decay=0.1),
 }
 
 

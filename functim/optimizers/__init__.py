@@ -13,6 +13,7 @@ from .schedule_free import (
 )
 from .scion import BiasRMS, ColNorm, RowNorm, Sign, Spectral, scion
 from .sgd import sgd
+from .sophia import sophia
 
 __all__ = [
     "BiasRMS",
@@ -34,4 +35,5 @@ __all__ = [
     "sgd",
     "signsgd",
     "signum",
+    "sophia",
 ]
