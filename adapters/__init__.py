@@ -2,6 +2,7 @@
 configs). Depends on ``functim``'s public API only."""
 
 from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
+from .kron import Kron
 from .mars import Mars
 from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
@@ -13,6 +14,7 @@ __all__ = [
     "CautiousAdamW",
     "CautiousLion",
     "FunctimOptimizer",
+    "Kron",
     "Lion",
     "Mars",
     "Muon",

@@ -11,7 +11,18 @@ from .shapes import (
     soap_merge_shape,
     to_matrix,
 )
+from .triangular import (
+    balance_factors,
+    kron_apply,
+    kron_precondition,
+    kron_solve_transposed,
+    norm_lower_bound,
+    solve_triangular_right,
+    update_factors,
+)
 
 __all__ = ["NS5_COEFFICIENTS", "MatrixDims", "default_ns_dtype", "kron_merge_shape",
            "from_matrix", "matrix_shape", "orthogonalize", "orthogonalize_many",
-           "soap_merge_shape", "to_matrix"]
+           "soap_merge_shape", "to_matrix", "balance_factors", "kron_apply",
+           "kron_precondition", "kron_solve_transposed", "norm_lower_bound",
+           "solve_triangular_right", "update_factors"]

@@ -2,6 +2,7 @@
 
 from .adamw import adamw
 from .cautious import cautious_adamw, cautious_lion
+from .kron import kron
 from .lion import lion, signsgd, signum
 from .mars import mars
 from .muon import muon
@@ -24,6 +25,7 @@ __all__ = [
     "adamw",
     "cautious_adamw",
     "cautious_lion",
+    "kron",
     "lion",
     "mars",
     "muon",
