@@ -6,6 +6,7 @@ from .kron import Kron
 from .mars import Mars
 from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
+from .soap import Soap
 from .sophia import Sophia
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
 
@@ -25,5 +26,6 @@ __all__ = [
     "Scion",
     "SignSGD",
     "Signum",
+    "Soap",
     "Sophia",
 ]

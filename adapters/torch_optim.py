@@ -412,6 +412,11 @@ class NamedAdapter(FunctimOptimizer):
 
     functional: Callable[..., ft.Optimizer]
     static_options: tuple[str, ...] = ()
+    # Options holding a torch.dtype are kept in the param groups by name ("float32") and turned
+    # back into the dtype for the constructor: torch.distributed.checkpoint (OLMo-core's
+    # checkpoints) cannot copy a torch.dtype value in a state dict ("ValueError: Unexpected value
+    # type <class 'torch.dtype'>"), so state_dtype=torch.float64 made every save fail.
+    dtype_options: tuple[str, ...] = ("state_dtype", "ns_dtype")
 
     def __init__(self, params, *, fused: bool | None = None, weight_decay_mask: Any = None,
                  **kwargs: Any):
@@ -421,14 +426,28 @@ class NamedAdapter(FunctimOptimizer):
         representative = type(self).functional(**kwargs, **extra)  # validates the defaults
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])
+        kwargs = self._dtypes_by_name(kwargs)
         super().__init__(params, representative, fused=fused, **kwargs)
+
+    def _dtypes_by_name(self, options: dict) -> dict:
+        return {k: (str(v).removeprefix("torch.") if k in self.dtype_options
+                    and isinstance(v, torch.dtype) else v) for k, v in options.items()}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(self._dtypes_by_name(param_group))
 
     @staticmethod
     def _hparam_defaults(optimizer):
         return {}
 
     def _ctor_kwargs(self, group: dict) -> dict:
-        return {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
+        out = {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
+        # dtype names back to dtypes; an unknown name is left for the constructor to reject
+        for k in self.dtype_options:
+            dtype = getattr(torch, out[k], None) if isinstance(out.get(k), str) else None
+            if isinstance(dtype, torch.dtype):
+                out[k] = dtype
+        return out
 
     def _static_key(self, group: dict) -> tuple:
         return tuple(group[k] for k in self.static_options)

@@ -469,6 +469,9 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "sf-adamw": OptSpec("schedule_free_adamw()", lambda ctor: ctor(),
                         "p(y) rw 8 + g r 4 + z rw 8 + v rw 8", 2, "2 (reference 4)",
                         module="functim.optimizers.schedule_free:schedule_free_adamw"),
+    # matmul-bound: the bytes (case A: GG is 2.63 floats/param, Q as many) give no useful floor
+    "soap": OptSpec("soap()", lambda ctor: ctor(), ADAM_BYTES + " + GG rw 21 + Q r 11",
+                    7.2686, "2 + Σ2d² = 7.2686", module="functim.optimizers.soap:soap"),
 }
 OPT_REFERENCES = ("torch-foreach", "torch-fused")  # default-mode workers, run in the same run
 OPT_WORKER_TIMEOUT_S = 1800

@@ -40,6 +40,7 @@ from .optimizers import (
     sgd,
     signsgd,
     signum,
+    soap,
     sophia,
 )
 from .rules import NO_DECAY_RULES, Rule, default_weight_decay_mask, explain, lm_routing
@@ -98,6 +99,7 @@ __all__ = [
     "signsgd",
     "signum",
     "skip_nonfinite",
+    "soap",
     "sophia",
     "warmup_cosine",
     "vmap_axes",

@@ -14,6 +14,7 @@ from .schedule_free import (
 )
 from .scion import BiasRMS, ColNorm, RowNorm, Sign, Spectral, scion
 from .sgd import sgd
+from .soap import soap
 from .sophia import sophia
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "sgd",
     "signsgd",
     "signum",
+    "soap",
     "sophia",
 ]

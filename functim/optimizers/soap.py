@@ -1,0 +1,631 @@
+"""SOAP (Vyas et al. 2024, arXiv 2409.11321), following the reference ``SOAP`` of
+nikhilvyas/SOAP@a1e5535 ``soap.py`` (algorithms.md §7, §15.1 item 7).
+
+Per leaf, with ``G`` the gradient in the preconditioner's view (``merge_dims``) and ``Q_i`` the
+eigenbasis of the Gram statistic ``L_i`` of every preconditioned dim ``i``:
+
+- **first call** (the reference's "first step is skipped"): ``L_i ← lerp(L_i, G_(i)G_(i)ᵀ,
+  1−β_s)``, ``Q_i ← eigh(L_i + 1e-30·I)`` with the columns in descending eigenvalue order. The
+  params, moments and ``step`` are untouched (no update, no weight decay): the optimizer lags the
+  lr schedule by one call, as the reference.
+- **every later call** (``t`` = 1-based index of the real update)::
+
+      G' = project(G)                              # Q_Lᵀ·G·Q_R for a matrix
+      m ← lerp(m, G', 1−β1);  v ← lerp(v, G'², 1−β2)          # both in the current eigenbasis
+      N = project_back(m / (sqrt(v) + ε))          # EPS_RAW: ε on the raw sqrt(v)
+      if normalize_grads: N ← N / (1e-30 + RMS(N))
+      p ← p − η·sqrt(1−β2^t)/(1−β1^t)·N            # η alone if correct_bias=False
+      p ← p − η·λ·p                                # weight decay AFTER the update
+      L_i ← lerp(L_i, G_(i)G_(i)ᵀ, 1−β_s)
+      if t % precondition_frequency == 0:          # refresh (functim.linalg.power_qr_refresh)
+          m ← project_back(m) with the old bases
+          per dim i: σ = argsort(diag(Q_iᵀL_iQ_i), desc); v ← v.index_select(i, σ);
+                     Q_i ← qr(L_i·Q_i[:, σ]).Q
+          m ← project(m) with the new bases      # momentum rotated, v only reordered
+
+  ``β_s`` = ``shampoo_beta`` if ≥ 0 else β2. Leaves with no preconditioned dim are exactly Adam
+  with EPS_RAW and weight decay after the update (algorithms.md §15.2 R17).
+
+Which dims are preconditioned (the reference's rules): 1-D leaves only with
+``precondition_1d=True`` and ``d ≤ max_precond_dim``; other leaves every dim of size
+``≤ max_precond_dim`` of the (merged, with ``merge_dims``) shape — one-sided SOAP for an
+embedding whose vocab dim is larger. ``merge_dims`` uses :func:`functim.linalg.soap_merge_shape`
+(after the reference's ``(0, 3, 1, 2)`` permutation of 4-D leaves with
+``data_format="channels_last"``); 0-D leaves go through it too, as in the reference.
+
+Choices (where the reference or algorithms.md leave one):
+
+- Eigensolve precision ``precond_dtype``: float32 (the reference's) for float32, bfloat16 and
+  float16 params; **float64 for float64 params** (the reference would round the statistics to
+  float32; float64 maths keeps float64 tests tight). Pass ``precond_dtype=torch.float32`` to
+  round like the reference for float64 params. ``L_i`` and ``Q_i`` are stored in it, and every
+  projection is computed in it.
+- Moments ``exp_avg``/``exp_avg_sq`` are float32 for bfloat16/float16 params and the param dtype
+  otherwise (``state_dtype`` overrides); the update is computed in that dtype and rounded into
+  the param once.
+- The reference projects the momentum back and forth (``project(project_back(m))``) after
+  *every* step; that is the identity except when the basis changed, so here it runs only on
+  refresh steps (the results differ by rounding only).
+- ``diag(QᵀLQ)`` is computed as ``Σ Q ⊙ (LQ)`` and the power-iteration product ``L·Q[:, σ]`` as
+  ``(L·Q)[:, σ]`` (one ``d³`` product instead of three; same values up to rounding).
+- Weight decay is ``p·(1 − η·λ)`` (the reference's ``p.add_(p, alpha=−η·λ)``; equal up to
+  rounding) and skipped on leaves excluded by ``weight_decay_mask``.
+- One ``step`` counts the real updates of the whole tree (functim's convention; the reference
+  counts per parameter). A leaf whose gradient is ``None`` on a call is left untouched, and one
+  whose gradient is ``None`` on the *first* call keeps the identity basis that ``init_state``
+  stores (Adam in its own coordinates) until the next refresh replaces it by ``qr(L·I)``.
+- ``block_size`` (Levanter's block-diagonal SOAP, used by Wen et al.) is not implemented, and
+  neither is a first call that also updates: the reference skips it on purpose so that a gradient
+  never enters its own projection.
+
+Host reads and syncs: the decisions "first call?" and "refresh on this call?" depend on the call
+count only, which the state keeps on the CPU (``state["calls"]``, int64): eager ``update`` reads
+that CPU tensor (a memory read, not a device sync). Under ``torch.compile`` the two decisions are
+``torch.cond`` on that CPU predicate (one graph for every call, no recompiles); under ``torch.func``
+transforms where the counter is batched (``vmap`` over an ensemble) both branches are computed and
+selected with ``torch.where`` (correct, but every call then pays an ``eigh`` and a QR). The first
+call's ``torch.linalg.eigh`` synchronises on CUDA (the solver's convergence flag is checked on the
+host; the reference retries a failed solve in float64, and so does this); ordinary steps and
+refresh steps (matmuls, ``argsort``, ``index_select``, QR) read no device value on the host in
+this code. Whether torch's CUDA QR synchronises internally is checked by
+``tests/test_soap.py::test_cuda_steady_state_does_not_sync`` where a GPU is present.
+
+State: ``step`` (int32, real updates), ``calls`` (int64 on the CPU, calls made, the first
+included), ``hyperparams`` (lr, beta1, beta2, shampoo_beta, eps, weight_decay), ``exp_avg`` and
+``exp_avg_sq`` (in the eigenbasis, shaped like the param), ``GG`` and ``Q``: per leaf a list with
+one ``(d_i, d_i)`` matrix per preconditioned dim, in dim order (``[]`` for a leaf with none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+
+from .. import _tree
+from ..base import LOW_PRECISION, Optimizer, State, check_state_keys, decay_flags, state_device
+from ..hyperparams import (
+    BETA,
+    HPARAMS_KEY,
+    NONNEGATIVE,
+    Range,
+    ScalarOrSchedule,
+    _is_functorch_wrapped,
+    check_betas,
+    check_hyperparam,
+    init_hyperparams,
+    resolve_hyperparams,
+)
+from ..kernels import ListOps, needs_per_tensor
+from ..linalg.eigen import eigh_descending, gram, power_qr_refresh, project, project_back
+from ..linalg.shapes import soap_merge_shape
+
+DATA_FORMATS = ("channels_first", "channels_last")
+NORMALIZE_EPS = 1e-30  # the reference's ``norm_grad / (1e-30 + RMS)``
+BUFFERS = ("exp_avg", "exp_avg_sq", "GG", "Q")
+STATE_KEYS = ("step", "calls", HPARAMS_KEY, *BUFFERS)
+
+
+@dataclass(frozen=True)
+class LeafPlan:
+    """How SOAP sees one leaf: ``view`` is the shape the preconditioner works on (the param
+    shape, or its merged form), ``perm`` the permutation applied before merging (channels_last
+    4-D leaves) and ``precond`` which dims of ``view`` have a basis."""
+
+    shape: tuple[int, ...]
+    perm: tuple[int, ...] | None
+    view: tuple[int, ...]
+    precond: tuple[bool, ...]
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Sizes of the preconditioned dims (the shapes of ``GG``/``Q``), in order."""
+        return tuple(d for d, on in zip(self.view, self.precond) if on)
+
+    @property
+    def any(self) -> bool:
+        return any(self.precond)
+
+    def to_view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.permute(self.perm)
+        return x.reshape(self.view) if tuple(x.shape) != self.view else x
+
+    def from_view(self, y: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            permuted = [self.shape[d] for d in self.perm]
+            inverse = [self.perm.index(d) for d in range(len(self.perm))]
+            return y.reshape(permuted).permute(inverse)
+        return y.reshape(self.shape) if tuple(y.shape) != self.shape else y
+
+    def bases(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """One entry per dim of ``view``: the next matrix of ``mats`` or None (identity)."""
+        it = iter(mats)
+        return [next(it) if on else None for on in self.precond]
+
+
+class SoapOptimizer(Optimizer):
+    """SOAP; see :mod:`functim.optimizers.soap`. Build with :func:`functim.soap`."""
+
+    name = "soap"
+
+    def __init__(self, *, hyperparams: Mapping[str, Any], ranges: Mapping[str, Range],
+                 precondition_frequency: int, max_precond_dim: int, merge_dims: bool,
+                 precondition_1d: bool, normalize_grads: bool, data_format: str,
+                 correct_bias: bool, precond_dtype: torch.dtype | None,
+                 state_dtype: torch.dtype | None, weight_decay_mask: Any):
+        self.hyperparams = dict(hyperparams)
+        self.ranges = dict(ranges)
+        self.precondition_frequency = precondition_frequency
+        self.max_precond_dim = max_precond_dim
+        self.merge_dims = merge_dims
+        self.precondition_1d = precondition_1d
+        self.normalize_grads = normalize_grads
+        self.data_format = data_format
+        self.correct_bias = correct_bias
+        self.precond_dtype = precond_dtype
+        self.state_dtype = state_dtype
+        self.weight_decay_mask = weight_decay_mask
+        self.options = {
+            "precondition_frequency": precondition_frequency, "max_precond_dim": max_precond_dim,
+            "merge_dims": merge_dims, "precondition_1d": precondition_1d,
+            "normalize_grads": normalize_grads, "data_format": data_format,
+            "correct_bias": correct_bias, "precond_dtype": precond_dtype,
+            "state_dtype": state_dtype,
+        }
+        self._plan_cache: dict[tuple[int, ...], LeafPlan] = {}
+        self._mask_cache: dict = {}
+
+    def __repr__(self) -> str:
+        args = {**self.hyperparams, **self.options}
+        return "soap(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+
+    def hyperparam_ranges(self) -> dict[str, Range]:
+        return dict(self.ranges)
+
+    # -- layout --------------------------------------------------------------------------
+    def leaf_plan(self, shape: Sequence[int]) -> LeafPlan:
+        """The preconditioner layout of a leaf of this shape (the reference's rules)."""
+        shape = tuple(int(d) for d in shape)
+        plan = self._plan_cache.get(shape)
+        if plan is None:
+            mx = self.max_precond_dim
+            perm = None
+            if len(shape) == 1:
+                view = shape
+                precond = (self.precondition_1d and shape[0] <= mx,)
+            else:
+                view = shape
+                if self.merge_dims:
+                    if self.data_format == "channels_last" and len(shape) == 4:
+                        perm = (0, 3, 1, 2)
+                        view = tuple(shape[d] for d in perm)
+                    view = soap_merge_shape(view, mx)
+                precond = tuple(d <= mx for d in view)
+            plan = self._plan_cache[shape] = LeafPlan(shape, perm, view, precond)
+        return plan
+
+    def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+    def preconditioner_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        if self.precond_dtype is not None:
+            return self.precond_dtype
+        return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+    # -- state ---------------------------------------------------------------------------
+    def init_state(self, params: Any) -> State:
+        leaves, spec = _tree.flatten(params)
+        for path, x in zip(_tree.paths(params), leaves):
+            if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+                raise TypeError(f"soap: parameter {path!r} must be a floating-point tensor or "
+                                f"None, got {_tree.describe_leaf(x)}")
+            if x is not None and self.state_dtype is not None and \
+                    torch.promote_types(x.dtype, self.state_dtype) != self.state_dtype:
+                raise TypeError(f"soap: state_dtype={self.state_dtype} cannot hold the {x.dtype} "
+                                f"parameter {path!r}")
+        device = state_device(leaves)
+
+        def zeros(x):
+            return torch.zeros(x.shape, dtype=self.buffer_dtype(x.dtype), device=x.device)
+
+        def mats(x, fill):
+            pd = self.preconditioner_dtype(x.dtype)
+            return [fill(d, dtype=pd, device=x.device) for d in self.leaf_plan(x.shape).dims]
+
+        return {
+            "step": torch.zeros((), dtype=torch.int32, device=device),
+            "calls": torch.zeros((), dtype=torch.int64),
+            HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
+            "exp_avg": _tree.map_tree(zeros, params),
+            "exp_avg_sq": _tree.map_tree(zeros, params),
+            "GG": _tree.map_tree(lambda x: mats(x, lambda d, **kw: torch.zeros(d, d, **kw)),
+                                 params),
+            # the identity: a leaf whose first gradient is None keeps Adam's coordinates
+            "Q": _tree.map_tree(lambda x: mats(x, torch.eye), params),
+        }
+
+    def _check_state(self, params, p_leaves, spec, state) -> dict[str, list]:
+        check_state_keys(self.name, state, STATE_KEYS)
+        stored = state[HPARAMS_KEY]
+        if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
+            got = sorted(stored) if isinstance(stored, Mapping) else stored
+            raise ValueError(f"soap: state['{HPARAMS_KEY}'] must have "
+                             f"{sorted(self.hyperparams)}, got {got}")
+        calls = state["calls"]
+        if not (isinstance(calls, torch.Tensor) and calls.ndim == 0
+                and not calls.is_floating_point() and calls.device.type == "cpu"):
+            raise ValueError(
+                "soap: state['calls'] must be a 0-d integer tensor on the CPU (it is read on the "
+                "host at every call to decide the first call and the refreshes), got "
+                f"{_tree.describe_leaf(calls)}"
+                + (f" on {calls.device}" if isinstance(calls, torch.Tensor) else ""))
+        bufs = {}
+        for b in ("exp_avg", "exp_avg_sq"):
+            try:
+                _, leaves, _ = _tree.check_same_structure(
+                    params, state[b], ref_name="params", other_name=f"state[{b!r}]")
+            except ValueError as e:
+                raise ValueError(f"soap: {e} (was the state made for other params?)") from None
+            for i, (p, s) in enumerate(zip(p_leaves, leaves)):
+                if p is not None and not (isinstance(s, torch.Tensor) and s.shape == p.shape):
+                    raise ValueError(
+                        f"soap: state[{b!r}] at {_tree.leaf_paths_on_error(params, i)!r} is "
+                        f"{_tree.describe_leaf(s)}, expected shape {tuple(p.shape)} like the "
+                        "param")
+            bufs[b] = leaves
+        for b in ("GG", "Q"):
+            try:
+                leaves = spec.flatten_up_to(state[b])
+            except (ValueError, TypeError):
+                raise ValueError(f"soap: state[{b!r}] must be shaped like params with a list of "
+                                 "matrices at every leaf (was the state made for other "
+                                 "params?)") from None
+            for i, (p, s) in enumerate(zip(p_leaves, leaves)):
+                if p is None:
+                    continue
+                want = self.leaf_plan(p.shape).dims
+                pd = self.preconditioner_dtype(p.dtype)
+                ok = isinstance(s, (list, tuple)) and len(s) == len(want) and all(
+                    isinstance(m, torch.Tensor) and tuple(m.shape) == (d, d) and m.dtype == pd
+                    for m, d in zip(s, want))
+                if not ok:
+                    got = ([_tree.describe_leaf(m) for m in s] if isinstance(s, (list, tuple))
+                           else _tree.describe_leaf(s))
+                    raise ValueError(
+                        f"soap: state[{b!r}] at {_tree.leaf_paths_on_error(params, i)!r} is "
+                        f"{got}, expected a list of {len(want)} {pd} square matrices of sizes "
+                        f"{list(want)} (this configuration's preconditioned dims of shape "
+                        f"{tuple(p.shape)})")
+            bufs[b] = [list(s) if s is not None else None for s in leaves]
+        return bufs
+
+    def validate(self, params, grads, state) -> None:
+        p_leaves, _, spec = _tree.check_grads(self.name, params, grads)
+        self._check_state(params, p_leaves, spec, state)
+
+    def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
+        if self.weight_decay_mask is None:
+            return [True] * len(p_leaves)
+        key = (spec, tuple(None if x is None else tuple(x.shape) for x in p_leaves))
+        flags = self._mask_cache.get(key)
+        if flags is None:
+            flags = self._mask_cache[key] = decay_flags(self.weight_decay_mask, params, p_leaves,
+                                                        spec)
+        return flags
+
+    # -- update --------------------------------------------------------------------------
+    def update(self, params, grads, state, *, donate: bool = False, **extra):
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        bufs = self._check_state(params, p_leaves, spec, state)
+        step, calls = state["step"], state["calls"]
+        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
+        decay = self._decay_flags(params, p_leaves, spec)
+        active = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
+                  if p is not None and g is not None]
+        leaves = _Leaves(
+            plans=[self.leaf_plan(p_leaves[i].shape) for i in active],
+            p=[p_leaves[i] for i in active], g=[g_leaves[i] for i in active],
+            m=[bufs["exp_avg"][i] for i in active], v=[bufs["exp_avg_sq"][i] for i in active],
+            GG=[bufs["GG"][i] for i in active], Q=[bufs["Q"][i] for i in active],
+            decay=[decay[i] for i in active])
+        if torch.compiler.is_compiling():
+            mode = "cond"
+        elif _is_functorch_wrapped(calls):
+            mode = "where"
+        else:
+            mode = "eager"
+        inplace = donate and mode == "eager"
+        t = step + 1
+        if mode == "eager":
+            c = int(calls)  # a CPU tensor: a memory read, not a device sync
+            if c == 0:
+                out = self._first_call(leaves, hp, inplace)
+                new_step = step
+            else:
+                out = self._real_step(leaves, hp, t, inplace, c % self.precondition_frequency
+                                      == 0)
+                new_step = t
+        else:
+            out, new_step = self._traced_call(leaves, hp, step, calls, mode)
+        new_p, new_b = list(p_leaves), {b: list(v) for b, v in bufs.items()}
+        for j, i in enumerate(active):
+            new_p[i] = out[0][j]
+            for k, b in enumerate(BUFFERS):
+                new_b[b][i] = out[1 + k][j]
+        new_state: State = {
+            "step": new_step, "calls": calls + 1, HPARAMS_KEY: hp,
+            "exp_avg": _tree.unflatten(spec, new_b["exp_avg"]),
+            "exp_avg_sq": _tree.unflatten(spec, new_b["exp_avg_sq"]),
+            "GG": _tree.unflatten(spec, new_b["GG"]),
+            "Q": _tree.unflatten(spec, new_b["Q"]),
+        }
+        return _tree.unflatten(spec, new_p), new_state
+
+    # -- the two kinds of call -----------------------------------------------------------
+    def _beta_shampoo(self, hp):
+        return torch.where(hp["shampoo_beta"] >= 0, hp["shampoo_beta"], hp["beta2"])
+
+    def _grad_views(self, lv: _Leaves) -> list[torch.Tensor | None]:
+        """Each preconditioned leaf's gradient in its view, in the preconditioner dtype."""
+        return [pl.to_view(g.to(self.preconditioner_dtype(p.dtype))) if pl.any else None
+                for pl, p, g in zip(lv.plans, lv.p, lv.g)]
+
+    def _accumulate(self, lv: _Leaves, gv, hp, inplace: bool) -> list[list[torch.Tensor]]:
+        """``L_i ← lerp(L_i, G_(i)G_(i)ᵀ, 1−β_s)`` for every preconditioned dim."""
+        w = 1 - self._beta_shampoo(hp)
+        weights: dict[tuple, torch.Tensor] = {}  # w cast once per (device, dtype)
+        out = []
+        for pl, G, GG in zip(lv.plans, gv, lv.GG):
+            if not pl.any:
+                out.append(GG)
+                continue
+            dims = [d for d, on in enumerate(pl.precond) if on]
+            new = []
+            for d, L in zip(dims, GG):
+                key = (L.device, L.dtype)
+                if key not in weights:
+                    weights[key] = w.to(device=L.device, dtype=L.dtype)
+                wd = weights[key]
+                new.append(L.lerp_(gram(G, d), wd) if inplace else torch.lerp(L, gram(G, d), wd))
+            out.append(new)
+        return out
+
+    def _first_call(self, lv: _Leaves, hp, inplace: bool) -> tuple:
+        """Statistics from the first gradient and their eigenbases; nothing else changes."""
+        GG = self._accumulate(lv, self._grad_views(lv), hp, inplace)
+        Q = []
+        for Ls, Qs in zip(GG, lv.Q):
+            new = [eigh_descending(L) for L in Ls]
+            if inplace:
+                for old, q in zip(Qs, new):
+                    old.copy_(q)
+                new = Qs
+            Q.append(new)
+        return lv.p, lv.m, lv.v, GG, Q
+
+    def _real_step(self, lv: _Leaves, hp, t, inplace: bool, refresh) -> tuple:
+        """One update; ``refresh`` is a bool (eager) or a CPU bool tensor (traced modes)."""
+        gv = self._grad_views(lv)
+        # 1. the gradient in the eigenbasis, shaped like the param, in the buffer dtype
+        gp = []
+        for pl, g, G, Qs, m in zip(lv.plans, lv.g, gv, lv.Q, lv.m):
+            x = pl.from_view(project(G, pl.bases(Qs))) if pl.any else g
+            gp.append(x if x.dtype == m.dtype else x.to(m.dtype))
+        lr = hp["lr"]
+        beta1, beta2 = hp["beta1"], hp["beta2"]
+        if self.correct_bias:
+            step_size = lr * torch.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        else:
+            step_size = lr
+        shrink = 1 - lr * hp["weight_decay"]
+        n = len(lv.p)
+        new_p, new_m, new_v = [None] * n, [None] * n, [None] * n
+        # under torch.compile this runs inside torch.cond, whose functionalisation does not take
+        # foreach ops (their list outputs): per-tensor ops there (inductor fuses them anyway)
+        per_tensor = torch.compiler.is_compiling() or needs_per_tensor(
+            lv.p, lv.g, scalars=list(hp.values()))
+        ops = ListOps(per_tensor=per_tensor)
+        own = inplace and not per_tensor
+        # 2. Adam in the eigenbasis (elementwise, per (device, buffer dtype, param dtype, decay))
+        for idx in _buckets(lv):
+            m = ops.lerp([lv.m[i] for i in idx], [gp[i] for i in idx], 1 - beta1, inplace=own)
+            g2 = ops.mul([gp[i] for i in idx], [gp[i] for i in idx])
+            v = ops.lerp([lv.v[i] for i in idx], g2, 1 - beta2, inplace=own)
+            denom = ops.add(ops.sqrt(v), hp["eps"], inplace=True)
+            x = ops.div(m, denom)
+            # 3. back to the param's coordinates
+            upd = []
+            for i, xi in zip(idx, x):
+                pl = lv.plans[i]
+                if pl.any:
+                    pd = lv.Q[i][0].dtype
+                    y = pl.from_view(project_back(pl.to_view(xi.to(pd)), pl.bases(lv.Q[i])))
+                    xi = y if y.dtype == xi.dtype else y.to(xi.dtype)
+                upd.append(xi)
+            if self.normalize_grads:  # N / (1e-30 + RMS(N)), the RMS accumulated in float64
+                denoms = [NORMALIZE_EPS + nr / float(max(u.numel(), 1)) ** 0.5
+                          for nr, u in zip(ops.norm(upd), upd)]
+                upd = ops.div(upd, denoms, inplace=True)
+            # 4. p ← p − step_size·N, then p ← p·(1 − η·λ), rounded into p once
+            p = [lv.p[i] for i in idx]
+            work = m[0].dtype
+            mixed = p[0].dtype != work
+            pw = [q.to(work) for q in p] if mixed else p
+            upd = ops.mul(upd, -step_size, inplace=True)  # upd is a temporary
+            pw = ops.add(pw, upd, inplace=own or mixed)
+            if lv.decay[idx[0]]:
+                pw = ops.mul(pw, shrink, inplace=True)  # pw is donated or new by now
+            if mixed:
+                if own:
+                    torch._foreach_copy_(p, pw)
+                    pw = p
+                else:
+                    pw = [a.to(q.dtype) for a, q in zip(pw, p)]
+            for j, i in enumerate(idx):
+                new_p[i], new_m[i], new_v[i] = pw[j], m[j], v[j]
+        # 5. statistics, then (on refresh calls) the new bases
+        GG = self._accumulate(lv, gv, hp, inplace)
+        pre = [i for i in range(n) if lv.plans[i].any]
+        Q = list(lv.Q)
+        if pre:
+            sub = ([GG[i] for i in pre], [Q[i] for i in pre], [new_m[i] for i in pre],
+                   [new_v[i] for i in pre])
+            plans = [lv.plans[i] for i in pre]
+            if isinstance(refresh, bool):
+                out = self._refresh(plans, *sub, inplace=inplace) if refresh else sub[1:]
+            else:
+                out = _branch(refresh, lambda *a: self._refresh(plans, *a, inplace=False),
+                              lambda G_, Q_, m_, v_: _clone((Q_, m_, v_)), sub,
+                              "cond" if torch.compiler.is_compiling() else "where")
+            for j, i in enumerate(pre):
+                Q[i], new_m[i], new_v[i] = out[0][j], out[1][j], out[2][j]
+        return new_p, new_m, new_v, GG, Q
+
+    def _refresh(self, plans, GG, Q, m, v, *, inplace: bool) -> tuple:
+        """Rotate the momentum into the refreshed bases and reorder the second moment."""
+        new_Q, new_m, new_v = [], [], []
+        for pl, Ls, Qs, mi, vi in zip(plans, GG, Q, m, v):
+            pd = Qs[0].dtype
+            back = pl.from_view(project_back(pl.to_view(mi.to(pd)), pl.bases(Qs)))
+            vv = pl.to_view(vi)
+            qs = []
+            dims = [d for d, on in enumerate(pl.precond) if on]
+            for d, L, q in zip(dims, Ls, Qs):
+                qn, order = power_qr_refresh(L, q)
+                vv = vv.index_select(d, order)
+                qs.append(qn)
+            mm = pl.from_view(project(pl.to_view(back), pl.bases(qs))).to(mi.dtype)
+            vv = pl.from_view(vv)
+            if inplace:
+                for old, q in zip(Qs, qs):
+                    old.copy_(q)
+                mi.copy_(mm)
+                vi.copy_(vv)
+                qs, mm, vv = Qs, mi, vi
+            new_Q.append(qs)
+            new_m.append(mm)
+            new_v.append(vv)
+        return new_Q, new_m, new_v
+
+    def _traced_call(self, lv: _Leaves, hp, step, calls, mode):
+        """Both kinds of call in one traced graph: ``torch.cond`` under ``torch.compile``
+        (``mode="cond"``), both computed and ``torch.where``-selected under a batching
+        transform (``mode="where"``)."""
+        first = calls == 0
+        refresh = calls % self.precondition_frequency == 0
+        t = step + 1
+        operands = (lv.p, lv.m, lv.v, lv.GG, lv.Q)
+
+        def rebuild(p, m, v, GG, Q):
+            return _Leaves(plans=lv.plans, p=p, g=lv.g, m=m, v=v, GG=GG, Q=Q, decay=lv.decay)
+
+        def init_fn(p, m, v, GG, Q):
+            out = self._first_call(rebuild(p, m, v, GG, Q), hp, inplace=False)
+            return (_clone(out[0]), _clone(out[1]), _clone(out[2]), out[3], out[4])
+
+        def step_fn(p, m, v, GG, Q):
+            return self._real_step(rebuild(p, m, v, GG, Q), hp, t, False, refresh)
+
+        out = _branch(first, init_fn, step_fn, operands, mode)
+        new_step = torch.where(first.to(step.device), step, t)
+        return out, new_step
+
+
+@dataclass
+class _Leaves:
+    """The leaves being updated (params and grads not None), as parallel lists."""
+
+    plans: list[LeafPlan]
+    p: list
+    g: list
+    m: list
+    v: list
+    GG: list
+    Q: list
+    decay: list[bool]
+
+
+def _buckets(lv: _Leaves) -> list[list[int]]:
+    """Indices grouped so that each group's lists share device and dtypes (foreach ops)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m, v, d) in enumerate(zip(lv.p, lv.m, lv.v, lv.decay)):
+        groups.setdefault((p.device, p.dtype, m.dtype, v.dtype, d), []).append(i)
+    return list(groups.values())
+
+
+def _clone(tree):
+    return optree.tree_map(torch.clone, tree)
+
+
+def _branch(pred: torch.Tensor, true_fn: Callable, false_fn: Callable, operands: tuple,
+            mode: str):
+    if mode == "cond":
+        return torch.cond(pred, true_fn, false_fn, operands)
+    a, b = true_fn(*operands), false_fn(*operands)
+    return optree.tree_map(lambda x, y: torch.where(pred.to(x.device), x, y), a, b)
+
+
+def soap(
+    lr: ScalarOrSchedule = 3e-3,
+    betas: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.95, 0.95),
+    shampoo_beta: ScalarOrSchedule = -1.0,
+    eps: ScalarOrSchedule = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    data_format: str = "channels_first",
+    correct_bias: bool = True,
+    *,
+    precond_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | None = None,
+    weight_decay_mask: Any = None,
+) -> SoapOptimizer:
+    """SOAP with the reference's keywords and defaults (nikhilvyas/SOAP ``SOAP``); see
+    :mod:`functim.optimizers.soap` for the update and every choice made.
+
+    ``shampoo_beta`` < 0 means β2. ``precond_dtype``: dtype of the statistics, bases and
+    projections (default float32, float64 for float64 params). ``state_dtype``: dtype of the
+    moments (default float32 for bfloat16/float16 params, else the param dtype).
+    ``weight_decay_mask`` as in :func:`functim.adamw`.
+    """
+    for name, flag in (("merge_dims", merge_dims), ("precondition_1d", precondition_1d),
+                       ("normalize_grads", normalize_grads), ("correct_bias", correct_bias)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"soap: {name!r} must be a bool, got {flag!r}")
+    for name, value, low in (("precondition_frequency", precondition_frequency, 1),
+                             ("max_precond_dim", max_precond_dim, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"soap: {name!r} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"soap: {name!r} must be >= {low}, got {value}")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"soap: data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    for name, dt in (("precond_dtype", precond_dtype), ("state_dtype", state_dtype)):
+        if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            raise TypeError(f"soap: {name} must be a floating torch.dtype or None, got {dt!r}")
+    if precond_dtype in LOW_PRECISION:
+        raise ValueError(f"soap: precond_dtype={precond_dtype} is not supported (torch's eigh "
+                         "and QR need float32 or float64)")
+    beta1, beta2 = check_betas("soap", betas)
+    hyperparams = {"lr": lr, "beta1": beta1, "beta2": beta2, "shampoo_beta": shampoo_beta,
+                   "eps": eps, "weight_decay": weight_decay}
+    ranges = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA,
+              "shampoo_beta": Range(high=1.0, high_open=True), "eps": NONNEGATIVE,
+              "weight_decay": NONNEGATIVE}
+    for k, v in hyperparams.items():
+        check_hyperparam("soap", k, v, ranges[k])
+    return SoapOptimizer(
+        hyperparams=hyperparams, ranges=ranges, precondition_frequency=precondition_frequency,
+        max_precond_dim=max_precond_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
+        normalize_grads=normalize_grads, data_format=data_format, correct_bias=correct_bias,
+        precond_dtype=precond_dtype, state_dtype=state_dtype,
+        weight_decay_mask=weight_decay_mask)
