@@ -246,7 +246,12 @@ class FunctimOptimizer(torch.optim.Optimizer):
         names = self._names(gi, group)
         active = [i for i, g in enumerate(grads) if g is not None]
         tree = dict(zip(names, params))
-        decay_all = ft.base.decay_flags(opt.weight_decay_mask, tree, list(tree.values()), None)
+        # decay_flags pairs paths with leaves in the tree's flatten order (sorted dict keys), not
+        # in named_parameters() order: map the flags back by name
+        flat, _ = _tree.flatten(tree)
+        by_name = dict(zip(_tree.paths(tree),
+                           ft.base.decay_flags(opt.weight_decay_mask, tree, flat, None)))
+        decay_all = [by_name[n] for n in names]
         steps = [self.state[params[i]]["step"] for i in active]
         values = torch.stack(steps).tolist() if steps else []
         by_step: dict[float, list[int]] = {}

@@ -217,3 +217,25 @@ def test_generic_adapter_checks_group_hyperparameters():
     with pytest.raises(ValueError, match="'max_norm'"):
         opt.add_param_group({"params": [("extra", extra)], "max_norm": 0.0})
     assert len(opt.param_groups) == 1
+
+
+def test_callable_weight_decay_mask_follows_names_not_flatten_order():
+    """Regression: the adapter paired sorted leaf paths with params in named_parameters() order,
+    so a callable mask decayed the wrong params when the two orders differ."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(5, 3)   # sorts last, comes first
+            self.fc = torch.nn.Linear(3, 3)
+            self.a_ln = torch.nn.LayerNorm(3)      # sorts first, comes last
+
+    net = Net()
+    opt = AdamW(net.named_parameters(), lr=0.1, weight_decay=0.5,
+                weight_decay_mask=ft.default_weight_decay_mask)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    opt.step()
+    moved = {k for k, v in net.named_parameters() if not torch.equal(before[k], v)}
+    assert moved == {"fc.weight"}
