@@ -31,7 +31,13 @@ from .hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from .kernels import ListOps, group_by_device_and_dtype, needs_per_tensor, under_torch_func
+from .kernels import (
+    ListOps,
+    foreach_copy_,
+    group_by_device_and_dtype,
+    needs_per_tensor,
+    under_torch_func,
+)
 
 PyTree = Any
 State = dict
@@ -386,7 +392,7 @@ class ElementwiseOptimizer(Optimizer):
             out_p, out_b = self.kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
         if mixed:
             if donate and not ops.per_tensor:
-                torch._foreach_copy_(p, out_p)
+                foreach_copy_(p, out_p)  # (DTensor-aware)
                 out_p = p
             else:
                 out_p = [x.to(q.dtype) for x, q in zip(out_p, p)]

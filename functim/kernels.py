@@ -20,6 +20,7 @@ tensors, so changing the learning rate never recompiles and never syncs).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Union
 
@@ -43,6 +44,56 @@ def under_torch_func() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def is_dtensor(x: object) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 shard, say). Does not
+    import ``torch.distributed.tensor``: if nothing imported it, no DTensor can exist."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
+
+
+def has_dtensor(xs: Sequence) -> bool:
+    """Whether any element of ``xs`` is a DTensor (see :func:`is_dtensor`). Checks the set of
+    types (built at C speed), so the non-distributed hot path pays microseconds per step."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return False
+    dt = mod.DTensor
+    return any(issubclass(t, dt) for t in set(map(type, xs)))
+
+
+def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every ``i``: one ``torch._foreach_copy_`` for plain tensors, a
+    loop of ``copy_`` for DTensors (torch 2.13 has no DTensor sharding strategy for
+    ``_foreach_copy_``)."""
+    if has_dtensor(dst):
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(dst, src)
+
+
+def _replicate_partials(xs: list) -> list:
+    """DTensor reductions (``_foreach_norm`` of FSDP2 shards) come back ``Partial``: each rank
+    holds a piece, reduced lazily. In-place ops on them fail ("in-place operations that require
+    placement changes are not supported"), so make them ``Replicate`` right away: one collective
+    per (mesh, placements) group of leaves, through DTensor's own redistribution."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        if is_dtensor(x) and any(isinstance(p, Partial) for p in x.placements):
+            groups.setdefault((x.device_mesh, x.placements), []).append(i)
+    out = list(xs)
+    for (mesh, _), idx in groups.items():
+        rep = [Replicate()] * mesh.ndim
+        if len(idx) == 1:
+            out[idx[0]] = xs[idx[0]].redistribute(mesh, rep)
+        else:
+            for i, r in zip(idx, torch.stack([xs[i] for i in idx]).redistribute(mesh, rep)):
+                out[i] = r
+    return out
 
 
 def needs_per_tensor(*lists: Sequence[torch.Tensor], scalars: Sequence = ()) -> bool:
@@ -71,6 +122,10 @@ def _per_elem(args, i):
     return [a[i] if isinstance(a, (list, tuple)) else a for a in args]
 
 
+# foreach ops whose out-of-place form has no DTensor sharding strategy (their in-place form has)
+_NO_DTENSOR_OUT_OF_PLACE = frozenset({"addcdiv"})
+
+
 class ListOps:
     """Elementwise ops on lists of same-device, same-dtype tensors.
 
@@ -91,6 +146,12 @@ class ListOps:
             fn = getattr(torch, name)
             return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
         if inplace:
+            getattr(torch, f"_foreach_{name}_")(xs, *args)
+            return xs
+        if name in _NO_DTENSOR_OUT_OF_PLACE and is_dtensor(xs[0]):
+            # DTensor (torch 2.13) has a sharding strategy for _foreach_addcdiv_ but none for the
+            # out-of-place _foreach_addcdiv: the same maths, in place on a copy
+            xs = [x.clone() for x in xs]
             getattr(torch, f"_foreach_{name}_")(xs, *args)
             return xs
         return list(getattr(torch, f"_foreach_{name}")(xs, *args))
@@ -151,12 +212,15 @@ class ListOps:
     def norm(self, xs: TensorList, ord: float = 2.0) -> TensorList:
         """Per-leaf vector norm of each whole tensor, accumulated and returned in float64 (a list
         of 0-d tensors, one pass). float32 accumulation is not enough: summing 4e7 ones in
-        float32 gives 2^25."""
+        float32 gives 2^25. The norm of a sharded DTensor leaf is the whole tensor's, replicated
+        on every rank."""
         if not xs:
             return []
         if self.per_tensor:
-            return [torch.linalg.vector_norm(x, ord, dtype=torch.float64) for x in xs]
-        return list(torch._foreach_norm(xs, ord, dtype=torch.float64))
+            out = [torch.linalg.vector_norm(x, ord, dtype=torch.float64) for x in xs]
+        else:
+            out = list(torch._foreach_norm(xs, ord, dtype=torch.float64))
+        return _replicate_partials(out) if is_dtensor(xs[0]) else out
 
     def copy(self, xs: TensorList) -> TensorList:
         return [x.clone() for x in xs]
@@ -167,13 +231,28 @@ def group_by_device_and_dtype(
 ) -> list[tuple[tuple[torch.device, torch.dtype], list[list], list[int]]]:
     """Split parallel lists into runs with the same (device, dtype) as the first list.
 
-    Returns ``[(key, [sublist per input list], indices into the original lists)]``.
+    Returns ``[(key, [sublist per input list], indices into the original lists)]``. DTensors
+    (FSDP2 shards) and plain tensors of one (device, dtype) go to separate runs with the same key
+    (a foreach op cannot mix them).
     """
     if not lists or not lists[0]:
         return []
     first = lists[0]
     key0 = (first[0].device, first[0].dtype)
     if all((t.device, t.dtype) == key0 for t in first):
-        return [(key0, [list(lst) for lst in lists], list(range(len(first))))]
-    grouped = _group_tensors_by_device_and_dtype([list(lst) for lst in lists], with_indices=True)
-    return [(key, sub, idx) for key, (sub, idx) in grouped.items()]
+        grouped = [(key0, [list(lst) for lst in lists], list(range(len(first))))]
+    else:
+        grouped = [(key, sub, idx) for key, (sub, idx) in _group_tensors_by_device_and_dtype(
+            [list(lst) for lst in lists], with_indices=True).items()]
+    if not has_dtensor(first):
+        return grouped
+    out = []
+    for key, sub, idx in grouped:
+        flags = [is_dtensor(t) for t in sub[0]]
+        for want in (True, False):
+            js = [j for j, f in enumerate(flags) if f is want]
+            if len(js) == len(flags):
+                out.append((key, sub, idx))
+            elif js:
+                out.append((key, [[lst[j] for j in js] for lst in sub], [idx[j] for j in js]))
+    return out

@@ -24,7 +24,7 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import ListOps
+from ..kernels import ListOps, foreach_copy_, has_dtensor
 from ..linalg import MatrixDims, from_matrix, matrix_shape, orthogonalize_many, to_matrix
 from ..rules import Explanation, Rule, explain
 
@@ -235,7 +235,15 @@ def select(plans: Sequence[LeafPlan], p_leaves: list, g_leaves: list,
 def orthogonalized_update(plans: Sequence[LeafPlan], u: list[torch.Tensor],
                           scales: list[float], ns: Mapping[str, Any]) -> list[torch.Tensor]:
     """``scale_i · NS(u_i)`` in each leaf's shape; leaves of equal matrix shape share one
-    batched Newton–Schulz iteration. Used by Muon and Scion's spectral LMO."""
+    batched Newton–Schulz iteration. Used by Muon and Scion's spectral LMO.
+
+    Sharded leaves (DTensors, e.g. FSDP2's) are orthogonalised whole, each once, on an owner rank
+    (round-robin), and scattered back: :func:`functim.distributed.owner_compute`."""
+    if has_dtensor(u):
+        from ..distributed import owner_compute
+
+        return owner_compute(lambda xs, pls, scs: orthogonalized_update(pls, xs, scs, ns),
+                             u, list(plans), list(scales))
     mats = [to_matrix(x, pl.dims) for x, pl in zip(u, plans)]
     out = orthogonalize_many(mats, scales, **ns)
     return [from_matrix(o, x.shape, pl.dims) for o, x, pl in zip(out, u, plans)]
@@ -255,7 +263,7 @@ def apply_update(ops: ListOps, p: list, upd: list, lr: torch.Tensor, shrink: tor
     pw = ops.sub(pw, upd, inplace=donate or own)
     if mixed:
         if donate and not ops.per_tensor:
-            torch._foreach_copy_(p, pw)
+            foreach_copy_(p, pw)  # (DTensor-aware)
             return p
         return [x.to(q.dtype) for x, q in zip(pw, p)]
     return pw

@@ -69,6 +69,7 @@ from ..hyperparams import (
     check_betas,
     check_hyperparam,
 )
+from ..kernels import foreach_copy_
 from ..schedules import Schedule
 from .adamw import _adamw_kernel
 
@@ -81,7 +82,7 @@ def _copy(ops, dst: list, src: list, inplace: bool) -> list:
     if not src:
         return src
     if inplace and not ops.per_tensor:
-        torch._foreach_copy_(dst, src)
+        foreach_copy_(dst, src)  # (DTensor-aware)
         return dst
     return [x.clone() for x in src]
 
