@@ -122,6 +122,28 @@ def check_state_keys(owner: str, state: Any, expected: Sequence[str],
                              f"{sorted(hyperparams)}, got {got}")
 
 
+def cached_decay_flags(cache: dict, mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
+    """:func:`decay_flags`, memoised in ``cache`` per tree structure and shapes."""
+    if mask is None:
+        return [True] * len(leaves)
+    key = (spec, tuple(None if x is None else tuple(x.shape) for x in leaves))
+    flags = cache.get(key)
+    if flags is None:
+        flags = cache[key] = decay_flags(mask, params, leaves, spec)
+    return flags
+
+
+def buffer_leaves(owner: str, params: PyTree, tree: Any, name: str) -> list:
+    """The leaves of the state buffer ``tree`` (``state[name]``), which must have the params'
+    structure; raises a ValueError naming the buffer otherwise."""
+    try:
+        _, leaves, _ = _tree.check_same_structure(params, tree, ref_name="params",
+                                                  other_name=f"state[{name!r}]")
+    except ValueError as e:
+        raise ValueError(f"{owner}: {e} (was the state made for other params?)") from None
+    return leaves
+
+
 def decay_flags(mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
     """Per-leaf weight-decay flags from a mask: None (every leaf decays), a pytree of bools shaped
     like params, or a callable ``(path, leaf) -> bool``."""
@@ -250,12 +272,7 @@ class ElementwiseOptimizer(Optimizer):
                          hyperparams=self.hyperparams)
         bufs = {}
         for b in self.buffer_names:
-            try:
-                _, leaves, _ = _tree.check_same_structure(
-                    params, state[b], ref_name="params", other_name=f"state[{b!r}]")
-            except ValueError as e:
-                raise ValueError(
-                    f"{self.name}: {e} (was the state made for other params?)") from None
+            leaves = buffer_leaves(self.name, params, state[b], b)
             for i, (p, s) in enumerate(zip(p_leaves, leaves)):
                 if p is None:
                     continue
@@ -312,14 +329,8 @@ class ElementwiseOptimizer(Optimizer):
         return {k: float(v) for k, v in hp.items()}
 
     def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
-        if self.weight_decay_mask is None:
-            return [True] * len(p_leaves)
-        key = (spec, tuple(None if x is None else tuple(x.shape) for x in p_leaves))
-        flags = self._mask_cache.get(key)
-        if flags is None:
-            flags = self._mask_cache[key] = decay_flags(self.weight_decay_mask, params, p_leaves,
-                                                        spec)
-        return flags
+        return cached_decay_flags(self._mask_cache, self.weight_decay_mask, params, p_leaves,
+                                  spec)
 
     def step_leaves(
         self,

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from .. import _tree
-from ..base import LOW_PRECISION, Optimizer, State, check_state_keys, state_device
+from ..base import (
+    LOW_PRECISION,
+    Optimizer,
+    State,
+    buffer_leaves,
+    check_state_keys,
+    state_device,
+)
 from ..hyperparams import (
     HPARAMS_KEY,
     Range,
@@ -176,12 +183,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
                          hyperparams=self.hyperparams)
         bufs = {}
         for b, owners in self.buffers.items():
-            try:
-                _, leaves, _ = _tree.check_same_structure(
-                    params, state[b], ref_name="params", other_name=f"state[{b!r}]")
-            except ValueError as e:
-                raise ValueError(
-                    f"{self.name}: {e} (was the state made for other params?)") from None
+            leaves = buffer_leaves(self.name, params, state[b], b)
             for p, s, pl in zip(p_leaves, leaves, plans):
                 if p is None:
                     continue

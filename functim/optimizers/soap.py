@@ -86,7 +86,15 @@ import optree
 import torch
 
 from .. import _tree
-from ..base import LOW_PRECISION, Optimizer, State, check_state_keys, decay_flags, state_device
+from ..base import (
+    LOW_PRECISION,
+    Optimizer,
+    State,
+    buffer_leaves,
+    cached_decay_flags,
+    check_state_keys,
+    state_device,
+)
 from ..hyperparams import (
     BETA,
     HPARAMS_KEY,
@@ -267,11 +275,7 @@ class SoapOptimizer(Optimizer):
                 + (f" on {calls.device}" if isinstance(calls, torch.Tensor) else ""))
         bufs = {}
         for b in ("exp_avg", "exp_avg_sq"):
-            try:
-                _, leaves, _ = _tree.check_same_structure(
-                    params, state[b], ref_name="params", other_name=f"state[{b!r}]")
-            except ValueError as e:
-                raise ValueError(f"soap: {e} (was the state made for other params?)") from None
+            leaves = buffer_leaves("soap", params, state[b], b)
             for i, (p, s) in enumerate(zip(p_leaves, leaves)):
                 if p is not None and not (isinstance(s, torch.Tensor) and s.shape == p.shape):
                     raise ValueError(
@@ -310,14 +314,8 @@ class SoapOptimizer(Optimizer):
         self._check_state(params, p_leaves, spec, state)
 
     def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
-        if self.weight_decay_mask is None:
-            return [True] * len(p_leaves)
-        key = (spec, tuple(None if x is None else tuple(x.shape) for x in p_leaves))
-        flags = self._mask_cache.get(key)
-        if flags is None:
-            flags = self._mask_cache[key] = decay_flags(self.weight_decay_mask, params, p_leaves,
-                                                        spec)
-        return flags
+        return cached_decay_flags(self._mask_cache, self.weight_decay_mask, params, p_leaves,
+                                  spec)
 
     # -- update --------------------------------------------------------------------------
     def update(self, params, grads, state, *, donate: bool = False, **extra):
