@@ -30,6 +30,9 @@ Choices:
   ``torch.func.grad_and_value`` over ``torch.func.functional_call`` and steps with
   ``opt.update(params, grads, state, donate=True)``; ``--surface adapter`` uses the
   ``functim.adapters`` class with ``model.named_parameters()`` and ``loss.backward()``.
+- **Threads**: one torch CPU thread by default on ``--device cpu``. The default model is too
+  small to gain much from more, and on a machine busy with other work two threads made the
+  default run several times slower (``--threads`` overrides).
 - **Figures**: train loss = mean of the last ``min(10, steps)`` steps' batch losses; eval loss =
   mean cross-entropy over a fixed set of eval windows (Schedule-Free AdamW at its averaged point
   ``x``); tokens/s = training tokens / time in training steps (forward, backward, optimizer;
@@ -685,8 +688,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and data order")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice, usually one per core; "
-                        "1 is faster on a machine busy with other work)")
+                   help="torch CPU threads (default: 1 on --device cpu, where the small model "
+                        "gains little from more and a machine busy with other work makes "
+                        "several much slower; torch's own choice on other devices)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N steps (default: steps/10)")
     p.add_argument("--out", default="functim-compare-out",
@@ -818,8 +822,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     from tqdm.auto import tqdm
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (
+        1 if torch.device(cfg.device).type == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     def progress(**kw):
         return tqdm(dynamic_ncols=True, disable=None, file=sys.stderr, **kw)
