@@ -33,7 +33,6 @@ from .hyperparams import (
 )
 from .kernels import (
     ListOps,
-    foreach_copy_,
     group_by_device_and_dtype,
     needs_per_tensor,
     under_torch_func,
@@ -402,9 +401,5 @@ class ElementwiseOptimizer(Optimizer):
         else:
             out_p, out_b = self.kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
         if mixed:
-            if donate and not ops.per_tensor:
-                foreach_copy_(p, out_p)  # (DTensor-aware)
-                out_p = p
-            else:
-                out_p = [x.to(q.dtype) for x, q in zip(out_p, p)]
+            out_p = ops.write_back(p, out_p, donate=donate)
         return out_p, out_b

@@ -222,6 +222,15 @@ class ListOps:
             out = list(torch._foreach_norm(xs, ord, dtype=torch.float64))
         return _replicate_partials(out) if is_dtensor(xs[0]) else out
 
+    def write_back(self, params: TensorList, work: TensorList, *, donate: bool) -> TensorList:
+        """Round results computed in a wider dtype (``work``, e.g. float32 for bfloat16 params)
+        into the params' dtype, once: into ``params`` themselves when they were donated (and
+        this path writes in place), else as new tensors. Returns the new param list."""
+        if donate and not self.per_tensor:
+            foreach_copy_(params, work)
+            return list(params)
+        return [w.to(p.dtype) for w, p in zip(work, params)]
+
     def copy(self, xs: TensorList) -> TensorList:
         return [x.clone() for x in xs]
 

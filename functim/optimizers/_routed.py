@@ -31,7 +31,7 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, foreach_copy_, has_dtensor
+from ..kernels import ListOps, has_dtensor
 from ..linalg import MatrixDims, from_matrix, matrix_shape, orthogonalize_many, to_matrix
 from ..rules import Explanation, Rule, explain
 
@@ -263,12 +263,7 @@ def apply_update(ops: ListOps, p: list, upd: list, lr: torch.Tensor, shrink: tor
         own = True
     upd = ops.mul(upd, lr, inplace=True)
     pw = ops.sub(pw, upd, inplace=donate or own)
-    if mixed:
-        if donate and not ops.per_tensor:
-            foreach_copy_(p, pw)  # (DTensor-aware)
-            return p
-        return [x.to(q.dtype) for x, q in zip(pw, p)]
-    return pw
+    return ops.write_back(p, pw, donate=donate) if mixed else pw
 
 
 def by_buffer_dtype(groups):

@@ -511,13 +511,7 @@ class Kron(Optimizer):
                     owned[k] = True
             out = [_add(ops, x, u, own) for x, u, own in zip(pw, usub, owned)]
             for j, o, p, mx in zip(idx, out, psub, mixed):
-                if mx:
-                    if donate and not ops.per_tensor:
-                        p.copy_(o)
-                        o = p
-                    else:
-                        o = o.to(p.dtype)
-                new_p[j] = o
+                new_p[j] = ops.write_back([p], [o], donate=donate)[0] if mx else o
         return new_p, new_m, factors
 
     def _data_init_scale(self, ps, gs, factors):

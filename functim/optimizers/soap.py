@@ -460,11 +460,7 @@ class SoapOptimizer(Optimizer):
             if lv.decay[idx[0]]:
                 pw = ops.mul(pw, shrink, inplace=True)  # pw is donated or new by now
             if mixed:
-                if own:
-                    torch._foreach_copy_(p, pw)
-                    pw = p
-                else:
-                    pw = [a.to(q.dtype) for a, q in zip(pw, p)]
+                pw = ops.write_back(p, pw, donate=inplace)
             for j, i in enumerate(idx):
                 new_p[i], new_m[i], new_v[i] = pw[j], m[j], v[j]
         # 5. statistics, then (on refresh calls) the new bases
