@@ -9,7 +9,8 @@ step (LR schedulers drive ``lr``); every other keyword (``preconditioner_update_
 
 Each step calls the functional update in donated mode, so the result is bitwise that of
 ``functim.kron(...).update`` on the same gradients. Per-parameter state (torch's
-``self.state[p]``): ``momentum_buffer``, ``Q`` (a tuple of factors) and, shared by the group,
+``self.state[p]``): ``momentum_buffer``, the factors under ``Q.0``, ``Q.1``, ... (the functional
+state's per-leaf tuple, one tensor per key; loading keeps their dtype) and, shared by the group,
 ``step``, ``prob_step``, ``update_counter``, ``precond_updates`` and ``rng``. Differences from the
 reference's ``torch.optim`` class: each param group keeps its own update counter and generator
 (the reference has one per optimizer and reads the probability from group 0); they agree when
@@ -22,11 +23,9 @@ from typing import Any
 
 import torch
 
-from functim.optimizers.kron import _HOST_KEYS, kron
+from functim.optimizers.kron import kron
 
 from .torch_optim import NamedAdapter
-
-_CPU_KEYS = (*_HOST_KEYS, "rng")
 
 
 class Kron(NamedAdapter):
@@ -38,6 +37,7 @@ class Kron(NamedAdapter):
                       "min_ndim_triangular", "memory_save_mode", "momentum_into_precond_update",
                       "precond_init_scale", "merge_dims", "mu_dtype", "precond_dtype",
                       "balance_every", "seed")
+    dtype_options = ("mu_dtype", "precond_dtype")  # kept in the groups by name (DCP)
 
     def __init__(self, params, lr: float = 3e-4, b1: float = 0.9, weight_decay: float = 0.0,
                  preconditioner_update_probability: Any = None, max_size_triangular: int = 8192,
@@ -55,21 +55,3 @@ class Kron(NamedAdapter):
                          precond_lr=precond_lr, precond_init_scale=precond_init_scale,
                          merge_dims=merge_dims, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
                          balance_every=balance_every, seed=seed)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loading, then: the factors keep their saved dtype (torch casts the tensors in
-        a tuple to the param dtype, e.g. float32 factors of a bfloat16 param to bfloat16), and
-        the counters and generator state stay on the CPU (torch moves them to the param's
-        device; reading them there would sync)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                entry = saved.get(pid, {})
-                q = entry.get("Q")
-                if isinstance(q, (tuple, list)):
-                    self.state[p]["Q"] = tuple(f.to(device=p.device) for f in q)
-                for k in _CPU_KEYS:
-                    if isinstance(entry.get(k), torch.Tensor):
-                        self.state[p][k] = entry[k].to("cpu")
-        self._caches.clear()

@@ -37,6 +37,7 @@ import torch
 
 try:
     from olmo_core.optim import INITIAL_LR_FIELD, LR_FIELD, OptimConfig
+    from olmo_core.train.callbacks import Callback
     from olmo_core.utils import move_to_device
 except ImportError as e:  # olmo-core is an optional dependency
     raise ImportError(
@@ -44,22 +45,25 @@ except ImportError as e:  # olmo-core is an optional dependency
         "install the 'olmo' extra, pip install 'functim[olmo]' (ai2-olmo-core==3.0.0)"
     ) from e
 
+from functim.kernels import is_dtensor
 from functim.linalg import NS5_COEFFICIENTS
 from functim.optimizers.scion import NORMS, default_norms
 from functim.rules import Explanation, Rule, explain
 
 from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
+from .kron import Kron
 from .mars import Mars
 from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
 from .soap import Soap
+from .sophia import Sophia
 from .torch_optim import SGD, AdamW
 
 __all__ = [
     "AdamWConfig", "CautiousAdamWConfig", "CautiousLionConfig", "FunctimOptimConfig",
-    "LionConfig", "MarsConfig", "MuonConfig", "NAdamWConfig", "RoutedOptimConfig", "SGDConfig",
-    "ScheduleFreeAdamWConfig", "ScionConfig", "SignSGDConfig", "SignumConfig", "SoapConfig",
-    "olmo_transformer_rules", "register",
+    "KronConfig", "LionConfig", "MarsConfig", "MuonConfig", "NAdamWConfig", "RoutedOptimConfig",
+    "SGDConfig", "ScheduleFreeAdamWConfig", "ScionConfig", "SignSGDConfig", "SignumConfig",
+    "SoapConfig", "SophiaConfig", "SophiaHessianCallback", "olmo_transformer_rules", "register",
 ]
 
 log = logging.getLogger(__name__)
@@ -562,3 +566,111 @@ class SoapConfig(FunctimOptimConfig[Soap]):
     @classmethod
     def optimizer(cls) -> type[Soap]:
         return Soap
+
+
+@register("kron", omit=())
+@dataclass
+class KronConfig(FunctimOptimConfig[Kron]):
+    """:class:`functim.adapters.Kron` (kron_torch's signature and defaults; a number for
+    ``preconditioner_update_probability`` makes it constant, ``None`` is kron_torch's annealed
+    schedule)."""
+
+    dtype_fields: ClassVar[tuple[str, ...]] = ("mu_dtype", "precond_dtype")
+
+    lr: float = 3e-4
+    b1: float = 0.9
+    weight_decay: float = 0.0
+    preconditioner_update_probability: float | None = None
+    max_size_triangular: int = 8192
+    min_ndim_triangular: int = 2
+    memory_save_mode: str | None = None
+    momentum_into_precond_update: bool = True
+    precond_lr: float = 0.1
+    precond_init_scale: float | None = 1.0
+    merge_dims: bool = True
+    mu_dtype: str | None = None
+    precond_dtype: str | None = None
+    balance_every: int = 100
+    seed: int = 42
+
+    @classmethod
+    def optimizer(cls) -> type[Kron]:
+        return Kron
+
+
+# -- Sophia: the optimizer config and the Trainer callback that feeds it its Hessian ------------
+@register("sophia", omit=("capturable", "weight_decay_mask"))
+@dataclass
+class SophiaConfig(FunctimOptimConfig[Sophia]):
+    """:class:`functim.adapters.Sophia` (SophiaG's signature and defaults; ``bs`` = 1 because the
+    Hessian comes from :class:`SophiaHessianCallback`, which gives the paper's ``B·ĝ⊙ĝ``).
+
+    OLMo-core's trainer only calls ``step()``: without :class:`SophiaHessianCallback` in the
+    trainer the Hessian EMA is never updated (the adapter warns after ``2·hessian_interval``
+    steps without one)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.965, 0.99)
+    rho: float = 0.04
+    weight_decay: float = 0.1
+    maximize: bool = False
+    bs: float = 1.0
+    eps: float = 1e-15
+    hessian_interval: int = 10
+    seed: int = 0
+    state_dtype: str | None = None
+
+    @classmethod
+    def optimizer(cls) -> type[Sophia]:
+        return Sophia
+
+
+@dataclass
+class SophiaHessianCallback(Callback):
+    """Feeds a :class:`SophiaConfig` optimizer its Hessian in OLMo-core's ``Trainer``: the
+    ``train_sophiag.py`` cadence (after optimizer steps k, 2k, ...; ``Sophia.hessian_due``), with
+    :func:`functim.gnb_hessian` (labels sampled from the model's softmax with the optimizer's
+    checkpointed RNG key) on the first ``instances`` sequences of the batch about to be trained
+    on (the reference uses the next micro-batch), gradient norm clipped to ``clip_norm`` (the
+    reference clips at its ``grad_clip``, 1.0), then ``update_hessian``.
+
+    It runs in ``pre_step``, after the previous step's checkpoint, and its decision depends only
+    on the optimizer's saved step counts, so a resumed run makes the same Hessian updates as an
+    uninterrupted one. ``instances=None``: the train module's micro-batch
+    (``rank_microbatch_size // sequence length``). The estimator runs the model through
+    ``torch.func`` (``functional_call``), so the model must not be FSDP-sharded (DTensor params
+    are rejected with a clear error); replicated or single-process training is supported.
+
+    ``trainer_config.with_callback("sophia_hessian", SophiaHessianCallback())``."""
+
+    clip_norm: float | None = 1.0
+    instances: int | None = None
+    priority: ClassVar[int] = 2  # before the checkpointer (priority 1), though pre_step saves none
+
+    def _optimizer(self) -> Sophia:
+        optim = self.trainer.train_module.optim
+        if not isinstance(optim, Sophia):
+            raise TypeError("SophiaHessianCallback needs the train module's optimizer to be "
+                            f"functim.adapters.Sophia (SophiaConfig), got {type(optim).__name__}")
+        return optim
+
+    def pre_train(self) -> None:
+        self._optimizer()
+        model = self.trainer.train_module.model
+        sharded = [n for n, p in model.named_parameters() if is_dtensor(p)]
+        if sharded:
+            raise ValueError("SophiaHessianCallback: the model's parameters are DTensors (FSDP/TP; "
+                             f"e.g. {sharded[0]!r}); the torch.func Hessian estimator needs plain "
+                             "tensors")
+
+    def pre_step(self, batch: dict[str, Any]) -> None:
+        optim = self._optimizer()
+        if not optim.hessian_due():
+            return
+        ids = batch["input_ids"]
+        n = self.instances
+        if n is None:
+            module = self.trainer.train_module
+            n = max(1, module.rank_microbatch_size // ids.shape[-1])
+        module = self.trainer.train_module.model
+        optim.update_hessian(model=module, inputs=ids[:n], clip_norm=self.clip_norm)

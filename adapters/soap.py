@@ -9,14 +9,15 @@ change the maths or the state layout. Each ``step()`` is ``functim.soap(...).upd
 (in-place) mode, through :class:`~functim.adapters.FunctimOptimizer`'s generic path.
 
 Per-parameter state (``self.state[p]``, created at construction): ``exp_avg``, ``exp_avg_sq``,
-``GG`` and ``Q`` (lists of matrices), and the group's scalars ``step`` (int32, real updates) and
+one tensor per preconditioned dim ``i`` under ``GG.i`` and ``Q.i`` (the functional state's lists,
+so the state holds tensors only, as the flattened checkpoints of torch.distributed.checkpoint need),
+and the group's scalars ``step`` (int32, real updates) and
 ``calls`` (int64 on the CPU). As the functional optimizer, one call counter serves a whole param
 group: the group's first ``step()`` only builds the preconditioners (the reference's skipped
 first step), and every group refreshes its bases on the same calls.
 
-``load_state_dict`` keeps the saved dtypes and devices of the nested ``GG``/``Q`` matrices and
-keeps ``calls`` on the CPU (torch's loader would cast the float32 matrices of a bfloat16 param
-to bfloat16 and move the CPU counter to the param's device).
+``load_state_dict`` keeps the saved dtypes of the ``GG``/``Q`` matrices and keeps ``calls`` on the
+CPU (:class:`~functim.adapters.FunctimOptimizer`'s loading).
 """
 
 from __future__ import annotations
@@ -62,16 +63,3 @@ class Soap(NamedAdapter):
                          data_format=data_format, correct_bias=correct_bias,
                          precond_dtype=precond_dtype, state_dtype=state_dtype,
                          weight_decay_mask=weight_decay_mask)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                entry = saved.get(pid, {})
-                for k in ("GG", "Q"):
-                    if isinstance(entry.get(k), (list, tuple)):
-                        self.state[p][k] = [m.to(device=p.device) for m in entry[k]]
-                if isinstance(entry.get("calls"), torch.Tensor):
-                    self.state[p]["calls"] = entry["calls"].to("cpu")
-        self._caches.clear()

@@ -45,6 +45,7 @@ reference trains with dropout 0).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -84,6 +85,7 @@ class Sophia(NamedAdapter):
         sophia(hessian_interval=hessian_interval, seed=seed)  # validates both
         self.hessian_interval = hessian_interval
         self._seed = seed
+        self._steps_without_hessian = 0  # host-side, for the warning in step()
         self._rng: torch.Tensor | None = None
         super().__init__(params, lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs,
                          eps=eps, maximize=maximize, state_dtype=state_dtype,
@@ -120,7 +122,16 @@ class Sophia(NamedAdapter):
             check_hyperparam("Sophia", "bs", bs, NONNEGATIVE)
             for g in self.param_groups:
                 g["bs"] = bs
-        return super().step(closure)
+        loss = super().step(closure)
+        self._steps_without_hessian += 1
+        if self._steps_without_hessian == 2 * self.hessian_interval + 1:
+            warnings.warn(
+                f"Sophia: {self._steps_without_hessian} steps without update_hessian(): the "
+                "Hessian EMA is not being updated, so the steps are clipped sign steps "
+                "(Lion-like), not Sophia's. Call opt.update_hessian(...) when "
+                "opt.hessian_due() (in OLMo-core: add "
+                "functim.adapters.olmo.SophiaHessianCallback to the trainer)", stacklevel=2)
+        return loss
 
     def hessian_due(self) -> bool:
         """Whether to update the Hessian now: the number of steps taken (the largest per-param
@@ -231,6 +242,7 @@ class Sophia(NamedAdapter):
             unknown = sorted(set(estimate) - known)
             if unknown:
                 raise ValueError(f"Sophia.update_hessian: no parameter named {unknown[:5]}")
+        self._steps_without_hessian = 0
         for group, est in zip(self.param_groups, per_group):
             hs = [self.state[p]["hessian"] for p in group["params"]]
             new = hessian_ema(hs, est, float(group["betas"][1]), donate=True)

@@ -11,14 +11,16 @@ moments of a bfloat16 param into bfloat16).
 Per-parameter state layout:
 - elementwise optimizers (AdamW, SGD, ...): torch's layout — ``step`` (float32 CPU tensor, per
   param, as torch) and the named buffers (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...);
-- any other functim optimizer (chain, partition, ...): every per-parameter buffer and every
+- any other functim optimizer (chain, partition, SOAP, ...): every per-parameter buffer and every
   scalar of the functional state under its dotted state path (scalars are shared by the group and
-  stored with each of its params).
+  stored with each of its params; a leaf's sequence of tensors, such as SOAP's ``GG``, one key per
+  item: ``GG.0``, ``GG.1``), so ``self.state[p]`` holds tensors only. Scalars the functional state
+  keeps on the CPU (host-read counters) stay there on load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -157,10 +159,8 @@ class FunctimOptimizer(torch.optim.Optimizer):
                     self.state[p].setdefault(name, st[name].clone())
             return
         layout = _Layout(st, tree)
-        for path, buf in layout.buffers(st).items():
-            for name, p in tree.items():
-                if buf[name] is not None:
-                    self.state[p].setdefault(path, buf[name])
+        for key, name, t in layout.buffer_entries(st):
+            self.state[tree[name]].setdefault(key, t)
         for path, t in layout.scalars(st).items():
             for p in params:
                 self.state[p].setdefault(path, t.clone())
@@ -168,13 +168,19 @@ class FunctimOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # torch casts floating state to the param dtype (float32 moments of a bfloat16 param
-        # would become bfloat16); put back the saved tensors with their own dtype
+        # would become bfloat16) and moves it to the param's device; put back the saved tensors
+        # with their own dtype, and keep on the CPU the scalars the functional state keeps there
+        # (host-read counters: on the param's device each read would be a sync)
         saved = state_dict["state"]
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+        for gi, (saved_group, group) in enumerate(zip(state_dict["param_groups"],
+                                                      self.param_groups)):
+            opt = self._group_optimizer(group)
+            on_cpu = (set() if isinstance(opt, ElementwiseOptimizer)
+                      else self._layout(gi, group, opt).cpu_scalars)
             for pid, p in zip(saved_group["params"], group["params"]):
                 for k, v in saved.get(pid, {}).items():
                     if isinstance(v, torch.Tensor) and k != "step":
-                        self.state[p][k] = v.to(device=p.device)
+                        self.state[p][k] = v.to(device="cpu" if k in on_cpu else p.device)
         self._caches.clear()
         self._init_all_state()
 
@@ -281,6 +287,15 @@ class FunctimOptimizer(torch.optim.Optimizer):
         self._caches[gi] = cache
         return cache
 
+    def _layout(self, gi: int, group: dict, opt: ft.Optimizer) -> _Layout:
+        cache = self._caches.setdefault(gi, {})
+        if "layout" not in cache:
+            # only the state's structure is needed: build it on the meta device (no memory)
+            tree = {n: torch.empty_like(p, device="meta")
+                    for n, p in zip(self._names(gi, group), group["params"])}
+            cache["layout"] = _Layout(opt.init_state(tree), tree)
+        return cache["layout"]
+
     def _step_generic(self, gi: int, group: dict, opt: ft.Optimizer) -> None:
         params = group["params"]
         if all(p.grad is None for p in params):
@@ -288,12 +303,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         names = self._names(gi, group)
         tree = dict(zip(names, params))
         grads = {n: p.grad for n, p in tree.items()}
-        cache = self._caches.get(gi)
-        if cache is None:
-            # only the state's structure is needed: build it on the meta device (no memory)
-            meta = {n: torch.empty_like(p, device="meta") for n, p in tree.items()}
-            cache = self._caches[gi] = {"layout": _Layout(opt.init_state(meta), tree)}
-        layout: _Layout = cache["layout"]
+        layout = self._layout(gi, group, opt)
         first = next(p for p in params if p.grad is not None)
         host = self._group_hparams(group)
         state = layout.assemble(self.state, tree, first, host)
@@ -306,7 +316,15 @@ class FunctimOptimizer(torch.optim.Optimizer):
 
 
 class _Layout:
-    """Where each piece of a functional state goes in torch's per-parameter state."""
+    """Where each piece of a functional state goes in torch's per-parameter state.
+
+    A buffer (a subtree shaped like the params) is stored under its dotted state path; where a
+    leaf's value is a sequence of tensors (SOAP's ``GG``/``Q``, Kron's factors ``Q``) each item
+    gets its own key, ``"<path>.<i>"``, so ``self.state[p]`` holds tensors only (the flattened
+    optimizer state dict of torch.distributed.checkpoint accepts nothing else). Scalars (state
+    tensors not shaped like the params: step, counters, RNG state) are shared by the group and
+    stored with each of its params; ``cpu_scalars`` names those the functional state keeps on the
+    CPU whatever the params' device (host-read counters)."""
 
     def __init__(self, state: Any, tree: dict):
         self.template = state
@@ -322,6 +340,9 @@ class _Layout:
         self.group_key = {path: (path.rsplit(".", 1)[-1]
                                  if hp_short[path.rsplit(".", 1)[-1]] == 1 else path)
                           for path in self.hparam_paths}
+        meta = any(t.device.type == "meta" for t in self.scalars(state).values())
+        self.cpu_scalars = ({p for p, t in self.scalars(state).items() if t.device.type == "cpu"}
+                            if meta else set())
 
     def _is_buffer(self, sub: Any) -> bool:
         try:
@@ -352,8 +373,20 @@ class _Layout:
             s = s[int(k)] if isinstance(s, (list, tuple)) else s[k]
         return s
 
-    def buffers(self, state) -> dict[str, dict]:
-        return {p: self._get(state, p) for p in self.buffer_paths}
+    def buffer_entries(self, state) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """``(state key, param name, tensor)`` for every buffer tensor of ``state``."""
+        for path in self.buffer_paths:
+            for name, v in self._get(state, path).items():
+                if isinstance(v, (list, tuple)):
+                    yield from ((f"{path}.{i}", name, t) for i, t in enumerate(v))
+                elif v is not None:
+                    yield path, name, v
+
+    def _leaf_buffer(self, entry: dict, path: str, name: str) -> Any:
+        like = self._get(self.template, path)[name]
+        if isinstance(like, (list, tuple)):
+            return type(like)(entry[f"{path}.{i}"] for i in range(len(like)))
+        return entry.get(path)
 
     def scalars(self, state) -> dict[str, torch.Tensor]:
         return {p: self._get(state, p) for p in self.scalar_paths}
@@ -376,7 +409,8 @@ class _Layout:
                                                          device=first.device))
                     elif path in self.buffer_paths:
                         # tree is a flat {name: param} dict: a dict with its keys has its structure
-                        out[k] = {n: torch_state[p].get(path) for n, p in tree.items()}
+                        out[k] = {n: self._leaf_buffer(torch_state[p], path, n)
+                                  for n, p in tree.items()}
                     else:
                         out[k] = build(v, path)
                 return out
@@ -388,11 +422,8 @@ class _Layout:
         return build(self.template, "")
 
     def scatter(self, new_state, torch_state, tree: dict) -> None:
-        for path in self.buffer_paths:
-            buf = self._get(new_state, path)
-            for n, p in tree.items():
-                if buf[n] is not None:
-                    torch_state[p][path] = buf[n]
+        for key, name, t in self.buffer_entries(new_state):
+            torch_state[tree[name]][key] = t
         for path in self.scalar_paths:
             t = self._get(new_state, path)
             for p in tree.values():

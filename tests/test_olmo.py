@@ -31,6 +31,7 @@ from functim.adapters.olmo import (  # noqa: E402
     CautiousAdamWConfig,
     CautiousLionConfig,
     FunctimOptimConfig,
+    KronConfig,
     LionConfig,
     MarsConfig,
     MuonConfig,
@@ -42,6 +43,8 @@ from functim.adapters.olmo import (  # noqa: E402
     SignSGDConfig,
     SignumConfig,
     SoapConfig,
+    SophiaConfig,
+    SophiaHessianCallback,
     register,
 )
 from olmo_core.distributed.checkpoint import (  # noqa: E402
@@ -115,21 +118,20 @@ CASES = {
                                                      "hidden": ft.Spectral(scale=2.0)}),
                   override=(("lr", 5e-3),)),
     "soap": Case(SoapConfig, adapters.Soap, dict(lr=1e-2, precondition_frequency=2)),
+    "kron": Case(KronConfig, adapters.Kron,
+                 dict(lr=1e-2, weight_decay=0.1, preconditioner_update_probability=1.0,
+                      mu_dtype="float64"),
+                 dict(lr=1e-2, weight_decay=0.1, preconditioner_update_probability=1.0,
+                      mu_dtype=torch.float64)),
+    "sophia": Case(SophiaConfig, adapters.Sophia, dict(lr=1e-2, weight_decay=0.1)),
 }
 ALL_CONFIGS = [AdamWConfig, CautiousAdamWConfig, CautiousLionConfig, LionConfig, MarsConfig,
                MuonConfig, NAdamWConfig, ScheduleFreeAdamWConfig, ScionConfig, SGDConfig,
-               SignSGDConfig, SignumConfig, SoapConfig]
+               SignSGDConfig, SignumConfig, SoapConfig, KronConfig, SophiaConfig]
 
 # Contract violations of an adapter, as strict xfails: a fix makes the test pass, which fails
 # the run until the entry is removed.
-SOAP_LISTS = ("adapters/soap.py keeps GG and Q as Python lists in self.state[p]; the flattened "
-              "optimizer state dict of torch.distributed.checkpoint (OLMo-core's default) holds "
-              "only tensor/int/float/dict values, so saving raises NotImplementedError")
-KNOWN_VIOLATIONS = {
-    ("state_types", "soap"): (AssertionError, SOAP_LISTS),
-    ("flattened_checkpoint", "soap"): (NotImplementedError, SOAP_LISTS),
-    ("trainer", "soap"): (AssertionError, SOAP_LISTS),
-}
+KNOWN_VIOLATIONS: dict = {}
 
 
 def _params_for(check: str, names, values=None) -> list:
@@ -256,7 +258,8 @@ def test_registered_and_round_trips_through_olmo_core_config_dicts(cls):
                   "CautiousAdamW": "cautious_adamw", "CautiousLion": "cautious_lion",
                   "Lion": "lion", "SignSGD": "signsgd", "Signum": "signum", "Mars": "mars",
                   "ScheduleFreeAdamW": "schedule_free_adamw", "Muon": "muon",
-                  "Scion": "scion", "Soap": "soap"}[adapter.__name__]
+                  "Scion": "scion", "Soap": "soap", "Kron": "kron",
+                  "Sophia": "sophia"}[adapter.__name__]
     assert OptimConfig.get_registered_class(f"functim_{functional}") is cls
     cfg = cls(lr=0.25, group_overrides=[OptimGroupOverride(params=NO_DECAY,
                                                            opts={"weight_decay": 0.0})])
@@ -645,7 +648,9 @@ TRAINER_CONFIGS = [
     pytest.param(AdamWConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, group_overrides=[
         OptimGroupOverride(params=NO_DECAY, opts={"weight_decay": 0.0})]), id="adamw"),
     pytest.param(MuonConfig(lr=2e-2, weight_decay=0.1), id="muon"),
-    *_params_for("trainer", ["soap"], [(SoapConfig(lr=1e-2, precondition_frequency=2),)]),
+    pytest.param(SoapConfig(lr=1e-2, precondition_frequency=2), id="soap"),
+    # with SophiaHessianCallback (added by _trainer_main): Hessian updates after steps 2 and 4
+    pytest.param(SophiaConfig(lr=1e-2, hessian_interval=2), id="sophia"),
 ]
 
 
@@ -671,12 +676,15 @@ def _trainer_main(config_json: str, root: str, phase: str) -> None:
             tokenizer=TokenizerConfig(vocab_size=128, eos_token_id=0, pad_token_id=1),
             work_dir=os.path.join(root, "work")).build()
         loader = NumpyDataLoaderConfig(global_batch_size=128, seed=0).build(dataset)
-        trainer = TrainerConfig(
+        trainer_config = TrainerConfig(
             save_folder=os.path.join(root, name), work_dir=os.path.join(root, "work"),
             save_overwrite=True, max_duration=Duration.steps(4),
             hard_stop=Duration.steps(2) if hard_stop else None,
-        ).with_callback("checkpointer", CheckpointerCallback(save_interval=2, save_async=False)
-                        ).build(train_module, loader)
+        ).with_callback("checkpointer", CheckpointerCallback(save_interval=2, save_async=False))
+        if isinstance(optim, SophiaConfig):
+            trainer_config = trainer_config.with_callback("sophia_hessian",
+                                                          SophiaHessianCallback())
+        trainer = trainer_config.build(train_module, loader)
         initial = {k: v.clone() for k, v in train_module.model.state_dict().items()}
         trainer.maybe_load_checkpoint()
         start = trainer.global_step
@@ -692,6 +700,54 @@ def _trainer_main(config_json: str, root: str, phase: str) -> None:
         run("interrupted", hard_stop=True)
     else:
         run("interrupted", hard_stop=False)
+
+
+def _fake_trainer(optim, model, microbatch_tokens: int = 8):
+    from types import SimpleNamespace
+    return SimpleNamespace(train_module=SimpleNamespace(
+        optim=optim, model=model, rank_microbatch_size=microbatch_tokens))
+
+
+def test_sophia_callback_updates_the_hessian_when_due_on_one_microbatch():
+    """pre_step: nothing until hessian_due(); then exactly update_hessian(model=..., inputs=the
+    first micro-batch's sequences, clip_norm=1.0), bitwise (same RNG key, same estimate)."""
+    ids = torch.randint(0, VOCAB, (6, 4), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids}
+    runs = []
+    for by_callback in (True, False):
+        model = TinyOLMo()
+        opt = SophiaConfig(lr=1e-2, hessian_interval=2).build(model)
+        cb = SophiaHessianCallback()
+        cb.trainer = _fake_trainer(opt, model, microbatch_tokens=8)  # 8 // 4 = 2 sequences
+        cb.pre_train()
+        for _ in range(2):
+            before = {n: opt.state[p]["hessian"].clone() for n, p in model.named_parameters()}
+            if by_callback:
+                cb.pre_step(batch)
+            elif opt.hessian_due():
+                opt.update_hessian(model=model, inputs=batch["input_ids"][:2], clip_norm=1.0)
+            after = {n: opt.state[p]["hessian"] for n, p in model.named_parameters()}
+            assert_trees_equal(after, before)  # not due before steps 2, 4, ...
+            model(batch["input_ids"]).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if by_callback:
+            cb.pre_step(batch)
+        else:
+            assert opt.hessian_due()
+            opt.update_hessian(model=model, inputs=batch["input_ids"][:2], clip_norm=1.0)
+        runs.append(({n: opt.state[p]["hessian"].clone() for n, p in model.named_parameters()},
+                     opt.rng.clone()))
+    assert_trees_equal(runs[0], runs[1])
+    assert all(h.abs().sum() > 0 for h in runs[0][0].values())
+
+
+def test_sophia_callback_rejects_other_optimizers():
+    model = TinyOLMo()
+    cb = SophiaHessianCallback()
+    cb.trainer = _fake_trainer(AdamWConfig().build(model), model)
+    with pytest.raises(TypeError, match="functim.adapters.Sophia .*got AdamW"):
+        cb.pre_train()
 
 
 @pytest.mark.slow
@@ -721,4 +777,6 @@ def test_trainer_hard_stop_and_resume_equals_uninterrupted(config, tmp_path):
                            full["initial"]["blocks.0.attention.w_q.weight"])
     assert_trees_equal(resumed["model"], full["model"])
     assert_trees_equal(resumed["optim"], full["optim"])
+    if isinstance(config, SophiaConfig):  # the callback did update the Hessian EMA
+        assert all(s["hessian"].abs().sum() > 0 for s in full["optim"]["state"].values())
 

@@ -574,7 +574,7 @@ def test_adapter_resume_is_bitwise(dtype):
     opt2 = Soap(model2.named_parameters(), **KW)
     opt2.load_state_dict(saved["opt"])
     p0 = next(model2.parameters())
-    assert opt2.state[p0]["GG"][0].dtype == torch.float32  # not cast to the param dtype
+    assert opt2.state[p0]["GG.0"].dtype == torch.float32  # not cast to the param dtype
     assert opt2.state[p0]["calls"].device.type == "cpu"
     _adapter_run(model2, opt2, batches[3:])
     for a, b in zip(ref.parameters(), model2.parameters()):
@@ -587,7 +587,7 @@ def test_adapter_with_dtype_options():
     opt = Soap(model.named_parameters(), precond_dtype=torch.float32, **KW)
     _adapter_run(model, opt, _batches(3))
     p0 = next(model.parameters())
-    assert opt.state[p0]["Q"][0].dtype == torch.float32
+    assert opt.state[p0]["Q.0"].dtype == torch.float32
     assert opt.state[p0]["exp_avg"].dtype == F64
     opt2 = Soap(_model(F64).named_parameters(), precond_dtype=torch.float32, **KW)
     opt2.load_state_dict(opt.state_dict())

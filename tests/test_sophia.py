@@ -408,3 +408,29 @@ def test_adapter_step_bs_and_reference_update_hessian():
         opt.update_hessian({"0.weight": torch.ones(2)})
     with pytest.raises(ValueError, match="not a parameter of the model"):
         opt.update_hessian(model=torch.nn.Linear(5, 3), inputs=x)
+
+
+def test_adapter_warns_when_the_hessian_is_never_updated():
+    """Sophia without Hessian updates silently becomes a clipped sign method (h stays 0): the
+    adapter warns once, after 2k + 1 steps without update_hessian(), and not when it is fed."""
+    import warnings
+
+    p = torch.nn.Parameter(torch.ones(3))
+
+    def steps(opt, n, feed):
+        for _ in range(n):
+            p.grad = torch.ones(3)
+            opt.step()
+            if feed and opt.hessian_due():
+                opt.update_hessian()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps(Sophia([p], hessian_interval=2), 12, feed=True)
+        opt = Sophia([p], hessian_interval=2)
+        steps(opt, 4, feed=False)
+    with pytest.warns(UserWarning, match="5 steps without update_hessian"):
+        steps(opt, 1, feed=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps(opt, 10, feed=False)  # once only
