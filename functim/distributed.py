@@ -8,11 +8,12 @@ they take plain tensors:
   ``zeros_like``, so the state is sharded exactly like the params. Per-leaf reductions (MARS's
   clip norm, the cautious mask's count) are whole-tensor values, replicated on every rank
   (:class:`functim.kernels.ListOps`);
-- **whole-matrix maths** (Muon's and Scion's Newton–Schulz; the generic API for SOAP and Kron) goes
-  through :func:`owner_compute`: each whole matrix is gathered on one *owner* rank, computed
-  there once, and the result is scattered back to the shards, so a sharded run equals the
-  unsharded one. Owners go round-robin over the mesh's ranks (:func:`assign_owners`), so the work
-  is shared. The shard-local approximation that some libraries use (each rank orthogonalises its
+- **whole-matrix maths** (Muon's and Scion's Newton–Schulz, SOAP's projections, statistics and
+  eigenbases, Kron's factor updates and preconditioning) goes through :func:`owner_compute`:
+  each whole matrix is gathered on one *owner* rank, computed there once, and the result is
+  scattered back to the shards, so a sharded run equals the unsharded one. Owners go
+  round-robin over the mesh's ranks (:func:`assign_owners`), so the work is shared. The
+  shard-local approximation that some libraries use (each rank orthogonalises its
   own row block) exists only as an explicit option, :func:`sharded_matrix_mode` ``("local")``;
 - **checkpoints**: the functional state is a dict of tensors (DTensor buffers, plain 0-d scalars),
   so ``torch.distributed.checkpoint.save/load`` take it as is, and resharding (save on 2 ranks,
@@ -34,9 +35,9 @@ implements that redistribution as all-gather + chunk (it logs "CPU process group
 alltoall yet"), which moves as much as ``full_tensor()``; ``benchmarks/sharded_muon.py`` measures
 the split between exchange and compute.
 
-Adopting owner_compute in a matrix optimizer (SOAP, Kron). Write the whole-matrix part of the
-step as a function of lists (it usually is one already: the batched, unsharded code), and, when
-``has_dtensor(grads)``, call it through :func:`owner_compute`:
+Adopting owner_compute in a matrix optimizer (as SOAP and Kron do). Write the whole-matrix part
+of the step as a function of lists (it usually is one already: the batched, unsharded code),
+and, when ``has_dtensor(grads)``, call it through :func:`owner_compute`:
 
 - arguments: the param-shaped DTensors the maths needs whole (grad, momentum, SOAP's
   ``exp_avg``/``exp_avg_sq``), whole-matrix state kept as plain tensors that every rank holds

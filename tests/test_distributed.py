@@ -3,19 +3,22 @@ from pytest (``torch.multiprocessing.spawn``, a free port).
 
 One spawn runs every scenario (process start-up dominates the cost): the workers train a small
 transformer sharded over 2 ranks with each optimizer of :data:`SPECS` (functional core and
-torch.optim adapter, float64 and float32) and compare with the same training unsharded in one
-process; count who orthogonalises what; check :func:`functim.distributed.owner_compute` on its
-own; save DCP checkpoints (2 ranks) and load the pytest process's (1 rank). The tests below read
-the workers' reports, and the 2 → 1 tests load the workers' checkpoints in the pytest process.
+torch.optim adapter, float64 and float32) and compare params and optimizer state with the same
+training unsharded in one process; count who computes which whole matrix (Muon, Scion, SOAP,
+Kron); check :func:`functim.distributed.owner_compute` on its own, every elementwise optimizer
+and more SOAP/Kron options on DTensor leaves; save DCP checkpoints (2 ranks) and load the pytest
+process's (1 rank). The tests below read the workers' reports, and the 2 → 1 tests load the
+workers' checkpoints in the pytest process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,10 +99,18 @@ def batch(step: int, rank: int | None = None) -> torch.Tensor:
     return tokens if rank is None else tokens.chunk(WORLD)[rank]
 
 
-def backward(model: nn.Module, tokens: torch.Tensor) -> None:
+def backward(model: nn.Module, step: int, rank: int | None = None) -> None:
+    """The gradient of the global batch's mean loss. Sharded (``rank`` given): this rank's half,
+    FSDP2 averages the ranks' gradients. Unsharded: the same two halves' mean losses, each
+    scaled by 1/WORLD (exact, a power of two) and accumulated, so the gradient is the FSDP2 one
+    to the last bit: the optimizers are compared, not the rounding of a batch mean. (SOAP's
+    eigenbases, like any eigensolver's, amplify a rounding difference by 1/eigengap.)"""
     model.zero_grad(set_to_none=True)
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    for r in ([rank] if rank is not None else range(WORLD)):
+        tokens = batch(step, r)
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        (loss if rank is not None else loss / WORLD).backward()
 
 
 def shard(model: nn.Module, mesh) -> nn.Module:
@@ -134,13 +145,25 @@ SPECS: list[Spec] = [
          lambda ps: fa.Muon(ps, lr=0.02, weight_decay=0.01, adamw_weight_decay=0.01)),
     Spec("scion", lambda: ft.scion(lr=1e-2, momentum=0.5),
          lambda ps: fa.Scion(ps, lr=1e-2, momentum=0.5)),
+    # SOAP: every matrix preconditioned on both sides, 1-D leaves Adam; the first call only
+    # builds the bases, and with precondition_frequency=2 calls 2 and 4 refresh them (QR)
+    Spec("soap", lambda: ft.soap(lr=3e-3, weight_decay=0.1, precondition_frequency=2),
+         lambda ps: fa.Soap(ps, lr=3e-3, weight_decay=0.1, precondition_frequency=2)),
+    # Kron: factors updated every step, balanced before every 2nd update; max_size_triangular=10
+    # gives the matrices with a 13 or 15 dim a diagonal and a triangular factor, the 6x6 ones two
+    # triangular ones, the 1-D leaves a diagonal one
+    Spec("kron", lambda: ft.kron(lr=1e-3, weight_decay=0.1, preconditioner_update_probability=1.0,
+                                 max_size_triangular=10, balance_every=2),
+         lambda ps: fa.Kron(ps, lr=1e-3, weight_decay=0.1, preconditioner_update_probability=1.0,
+                            max_size_triangular=10, balance_every=2)),
 ]
-# SOAP and Kron join by appending a Spec here, e.g.
-#   Spec("soap", lambda: ft.soap(lr=3e-3, precondition_frequency=2),
-#        lambda ps: fa.Soap(ps, lr=3e-3, precondition_frequency=2))
-# They are not listed yet because they do not run on DTensor params: their whole-matrix maths
-# mixes plain state (SOAP's GG/Q, Kron's factors) with DTensor gradients ("aten.lerp.Tensor got
-# mixed torch.Tensor and DTensor"). functim/distributed.py says how they adopt owner_compute.
+# The matrix optimizers compute each whole matrix once, on its owner rank
+# (functim.distributed.owner_compute): Muon's and Scion's Newton-Schulz, SOAP's statistics,
+# projections and bases, Kron's factor updates and preconditioning. Their param-shaped state
+# (moments, momentum) is sharded like the params; SOAP's GG/Q and Kron's factors are plain
+# tensors every rank holds whole (WHOLE_MATRIX_STATE).
+WHOLE_MATRIX_STATE = {"soap": ({"exp_avg", "exp_avg_sq"}, {"GG", "Q"}),
+                      "kron": ({"momentum_buffer"}, {"Q"})}  # (sharded keys, replicated keys)
 
 SURFACES = ("functional", "adapter")
 DTYPES = (torch.float64, torch.float32)
@@ -156,7 +179,7 @@ def train(model: nn.Module, spec: Spec, surface: str, steps: range, *, rank: int
     if surface == "functional" and state is None:
         state = opt.init_state(params)
     for step in steps:
-        backward(model, batch(step, rank))
+        backward(model, step, rank)
         if surface == "adapter":
             opt.step()
             continue
@@ -168,9 +191,10 @@ def train(model: nn.Module, spec: Spec, surface: str, steps: range, *, rank: int
     return opt, state
 
 
-def max_rel_err(model: nn.Module, ref: nn.Module) -> dict[str, float]:
-    """Per parameter max |Δ| / max |ref| (DTensor shards gathered whole first)."""
-    ref_params = dict(ref.named_parameters())
+def max_rel_err(model: nn.Module, ref: nn.Module | dict) -> dict[str, float]:
+    """Per parameter max |Δ| / max |ref| (DTensor shards gathered whole first); ``ref``: a model
+    or its ``{name: tensor}``."""
+    ref_params = ref if isinstance(ref, dict) else dict(ref.named_parameters())
     out = {}
     for n, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -180,8 +204,8 @@ def max_rel_err(model: nn.Module, ref: nn.Module) -> dict[str, float]:
 
 
 # -- checkpoints (the same code on 1 and 2 ranks) ------------------------------------------------
-CKPT_CASES = (("muon", "functional"), ("adamw", "functional"), ("adamw", "adapter"),
-              ("muon", "adapter"))
+CKPT_CASES = tuple((name, surface) for name in ("muon", "adamw", "soap", "kron")
+                   for surface in ("functional", "adapter"))
 
 
 def _spec(name: str) -> Spec:
@@ -228,10 +252,9 @@ def resume(path: str, model: nn.Module, spec: Spec, surface: str, rank: int | No
     return model
 
 
-def uninterrupted(spec: Spec, surface: str, dtype=torch.float64) -> nn.Module:
-    ref = make_model(dtype)
-    train(ref, spec, surface, range(STEPS))
-    return ref
+def uninterrupted(tmp: str, name: str, surface: str) -> dict[str, torch.Tensor]:
+    """The params after STEPS uninterrupted steps (float64), saved by the ``run`` fixture."""
+    return torch.load(os.path.join(tmp, f"uninterrupted-{name}-{surface}.pt"))
 
 
 # -- the workers ---------------------------------------------------------------------------------
@@ -356,6 +379,132 @@ def _elementwise_checks(mesh) -> dict:
     return out
 
 
+def _work_counters() -> list:
+    """(module, function, work per call): the whole-matrix work of each matrix optimizer, where
+    it calls it: Muon/Scion's Newton–Schulz (matrices per call), SOAP's Gram statistics (one
+    per preconditioned dim per call), Kron's preconditioning (one per leaf per step)."""
+    import importlib
+
+    # by import_module: functim.optimizers' attributes soap/kron are the constructors
+    routed, soap_mod, kron_mod = (importlib.import_module(f"functim.optimizers.{m}")
+                                  for m in ("_routed", "soap", "kron"))
+    return [(routed, "orthogonalize_many", lambda mats, *a: len(mats)),
+            (soap_mod, "gram", lambda *a: 1), (kron_mod, "kron_precondition", lambda *a: 1)]
+
+
+WORK_COUNTERS = _work_counters()
+
+
+def _state_leaves(model: nn.Module, opt: Any, state: Any, surface: str) -> dict[str, Any]:
+    """Every tensor of the optimizer state by path: the functional state's leaves, or the
+    adapter's ``opt.state[p]`` entries under ``<param name>/<key>`` (whatever the keys are)."""
+    import optree
+
+    if surface == "functional":
+        paths, leaves, _ = optree.tree_flatten_with_path(state)
+        return {".".join(map(str, p)): x for p, x in zip(paths, leaves)
+                if isinstance(x, torch.Tensor)}
+    out = {}
+    for n, p in model.named_parameters():
+        for k, v in opt.state[p].items():
+            items = v if isinstance(v, (list, tuple)) else [v]
+            for i, x in enumerate(items):
+                if isinstance(x, torch.Tensor):
+                    out[f"{n}/{k}" + (f".{i}" if isinstance(v, (list, tuple)) else "")] = x
+    return out
+
+
+def state_report(model, opt, state, ref, ref_opt, ref_state, surface) -> dict:
+    """The sharded run's optimizer state against the unsharded run's (max |Δ| / max |ref| per
+    tensor, DTensors gathered whole; integer and generator state must be equal), and which
+    functional state keys hold DTensors and which plain tensors."""
+    got = _state_leaves(model, opt, state, surface)
+    want = _state_leaves(ref, ref_opt, ref_state, surface)
+    errs: dict[str, float] = {}
+    for k in sorted(set(got) | set(want)):
+        if k not in got or k not in want:
+            errs[k] = float("inf")
+            continue
+        a, b = got[k], want[k]
+        a = a.full_tensor() if hasattr(a, "full_tensor") else a
+        if a.shape != b.shape or a.dtype != b.dtype:
+            errs[k] = float("inf")
+        elif not a.is_floating_point():
+            errs[k] = 0.0 if torch.equal(a, b) else float("inf")
+        else:
+            scale = b.abs().max().item() if b.numel() else 0.0
+            diff = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+            errs[k] = diff / scale if scale > 0 else diff
+    kinds: dict[str, set] = {}
+    if surface == "functional":
+        for k, x in got.items():
+            kinds.setdefault(k.split(".")[0], set()).add(type(x).__name__)
+    return {"state_err": errs, "state_kinds": kinds}
+
+
+MATRIX = {  # SOAP and Kron options the FSDP2 runs do not reach, functional, on DTensor leaves
+    # one-sided leaves (a dim above max_precond_dim), 1-D bases, N-D leaves merged, normalised
+    "soap_merge_1d_normalize": lambda: ft.soap(precondition_frequency=2, max_precond_dim=6,
+                                               merge_dims=True, precondition_1d=True,
+                                               normalize_grads=True),
+    "soap_channels_last": lambda: ft.soap(precondition_frequency=1, merge_dims=True,
+                                          data_format="channels_last", correct_bias=False),
+    # factors learning from the gradient, the data-derived initial scale, balancing every 2nd
+    # update, a diagonal factor by memory_save_mode
+    "kron_grad_init_balance": lambda: ft.kron(lr=1e-2, preconditioner_update_probability=1.0,
+                                              momentum_into_precond_update=False,
+                                              precond_init_scale=None, balance_every=2,
+                                              memory_save_mode="one_diag", weight_decay=0.1),
+    # updates every other step (no factor exchange on the others), no merging
+    "kron_half_updates": lambda: ft.kron(preconditioner_update_probability=0.5, merge_dims=False,
+                                         balance_every=1),
+}
+
+
+def _matrix_checks(mesh) -> dict:
+    """SOAP and Kron options on Shard(0) DTensors (uneven and empty shards, 1-D to 4-D leaves)
+    against plain tensors on the same gradients: 4 steps, pure and donated; float64 and
+    bfloat16. Returns {case: (max rel err of the params, max rel err of the state, whether
+    every unsharded param moved)}."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"w": (5, 3), "tall": (9, 4), "b": (5,), "one": (1, 4), "t3": (3, 2, 4),
+              "conv": (4, 3, 2, 2)}
+    out: dict[str, Any] = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        params = {k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+                  for k, s in shapes.items()}
+        grads = [{k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+                  for k, s in shapes.items()} for _ in range(4)]
+
+        def sharded(tree):
+            return {k: distribute_tensor(v.clone(), mesh, [Shard(0)]) for k, v in tree.items()}
+
+        for name, make in MATRIX.items():
+            for donate in (False, True):
+                mode = "donated" if donate else "pure"
+                case = f"{name}-{str(dtype).removeprefix('torch.')}-{mode}"
+                try:
+                    opt = make()
+                    p, st = dict(params), opt.init_state(params)
+                    dp = sharded(params)
+                    dst = opt.init_state(dp)
+                    with torch.no_grad():
+                        for gr in grads:
+                            p, st = opt.update(p, gr, st)
+                            dp, dst = opt.update(dp, sharded(gr), dst, donate=donate)
+                    p_err = max(((dp[k].full_tensor().double() - p[k].double()).abs().max()
+                                 / p[k].double().abs().max()).item() for k in p)
+                    s_err = max(state_report(None, None, dst, None, None, st,
+                                             "functional")["state_err"].values())
+                    moved = all(not torch.equal(p[k], params[k]) for k in p)
+                    out[case] = (p_err, s_err, moved)
+                except Exception:
+                    out[case] = traceback.format_exc()
+    return out
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     """Every 2-rank scenario; each one reports its result or its traceback under its own key."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -366,46 +515,49 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         import functim.distributed as fd
-        import functim.optimizers._routed as routed
 
         mesh = init_device_mesh("cpu", (world,))
-        # every Newton–Schulz matrix this process computes, counted where Muon/Scion call it
-        ns_count = [0]
-        real_orth = routed.orthogonalize_many
+        # the whole-matrix work this process does, counted where the optimizers call it
+        work = [0]
+        patched = []
+        for mod, fn_name, per_call in WORK_COUNTERS:
+            real = getattr(mod, fn_name)
 
-        def counting(mats, *a, **k):
-            ns_count[0] += len(mats)
-            return real_orth(mats, *a, **k)
+            def counting(*a, _real=real, _per_call=per_call, **k):
+                work[0] += _per_call(*a)
+                return _real(*a, **k)
 
-        routed.orthogonalize_many = counting
+            patched.append((mod, fn_name, real))
+            setattr(mod, fn_name, counting)
         for spec in SPECS:
             for surface in SURFACES:
                 for dtype in DTYPES:
                     key = f"{spec.name}-{surface}-{str(dtype).removeprefix('torch.')}"
                     try:
                         ref = make_model(dtype)
-                        ns_count[0] = 0
-                        train(ref, spec, surface, range(STEPS))
-                        ref_ns = ns_count[0]
+                        work[0] = 0
+                        ref_opt, ref_state = train(ref, spec, surface, range(STEPS))
+                        ref_work = work[0]
                         model = shard(make_model(dtype), mesh)
-                        ns_count[0] = 0
+                        work[0] = 0
                         with fd.owner_stats() as st:
-                            train(model, spec, surface, range(STEPS), rank=rank)
+                            opt, state = train(model, spec, surface, range(STEPS), rank=rank)
                         report["parity"][key] = {
-                            "err": max_rel_err(model, ref), "ns": ns_count[0],
-                            "ref_ns": ref_ns, "computed": st.computed, "calls": st.calls,
-                            "types": sorted({type(p).__name__ for p in model.parameters()})}
+                            "err": max_rel_err(model, ref), "work": work[0],
+                            "ref_work": ref_work, "computed": st.computed, "calls": st.calls,
+                            "types": sorted({type(p).__name__ for p in model.parameters()}),
+                            **state_report(model, opt, state, ref, ref_opt, ref_state,
+                                           surface)}
                     except Exception:
                         report["errors"][key] = traceback.format_exc()
-        routed.orthogonalize_many = real_orth
-        muon_shapes = [tuple(p.shape) for n, p in make_model(torch.float64).named_parameters()
-                       if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
-        report["muon_owners"] = fd.assign_owners(muon_shapes, world)
+        for mod, fn_name, real in patched:
+            setattr(mod, fn_name, real)
         try:
             report["owner_compute"] = _owner_compute_checks(rank, mesh)
         except Exception:
             report["errors"]["owner_compute"] = traceback.format_exc()
         report["elementwise"] = _elementwise_checks(mesh)
+        report["matrix"] = _matrix_checks(mesh)
 
         # checkpoints: save after SPLIT steps on 2 ranks; load the 1-rank ones and continue
         for name, surface in CKPT_CASES:
@@ -421,7 +573,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                 model = shard(make_model(torch.float64), mesh)
                 resume(os.path.join(tmp, f"1rank-{name}-{surface}"), model, spec, surface, rank)
                 report["resume_1_to_2"][f"{name}-{surface}"] = max_rel_err(
-                    model, uninterrupted(spec, surface))
+                    model, uninterrupted(tmp, name, surface))
             except Exception:
                 report["errors"][f"resume-{name}-{surface}"] = traceback.format_exc()
     except Exception:
@@ -439,15 +591,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """This process's 1-rank side on one intra-op thread, as the workers (tiny tensors: threads
+    only add overhead, and much of it on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[str, list[dict]]:
-    """1-rank checkpoints (this process, no process group), then one 2-rank spawn."""
-    tmp = str(tmp_path_factory.mktemp("dist"))
+def run(tmp_path_factory) -> Iterator[tuple[str, list[dict]]]:
+    """1-rank checkpoints (this process, no process group), then one 2-rank spawn. This
+    module's tests run on one thread (:func:`one_thread`), restored after the module."""
+    with one_thread():
+        yield _run(str(tmp_path_factory.mktemp("dist")))
+
+
+def _run(tmp: str) -> tuple[str, list[dict]]:
     for name, surface in CKPT_CASES:
         spec = _spec(name)
         model = make_model(torch.float64)
         opt, state = train(model, spec, surface, range(SPLIT))
         save_checkpoint(os.path.join(tmp, f"1rank-{name}-{surface}"), model, surface, opt, state)
+        # training on is the uninterrupted run the resumed ones are compared with
+        train(model, spec, surface, range(SPLIT, STEPS), opt=opt, state=state)
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+                   os.path.join(tmp, f"uninterrupted-{name}-{surface}.pt"))
     mp.spawn(_worker, args=(WORLD, _free_port(), tmp), nprocs=WORLD, join=True)
     reports = []
     for r in range(WORLD):
@@ -476,14 +649,41 @@ def test_fsdp2_training_equals_unsharded(run, spec, surface, dtype):
         assert res["types"] == ["DTensor"], res["types"]  # really trained on FSDP2 shards
         bad = {n: e for n, e in res["err"].items() if not e <= TOL[dtype]}
         assert not bad, f"rank {r}: {key}: relative errors above {TOL[dtype]}: {bad}"
+        # the optimizer state too (functional state, or the adapter's entries, key by key)
+        bad = {n: e for n, e in res["state_err"].items() if not e <= TOL[dtype]}
+        assert not bad, f"rank {r}: {key}: state errors above {TOL[dtype]}: {bad}"
+        if surface == "functional" and spec.name in WHOLE_MATRIX_STATE:
+            sharded, whole = WHOLE_MATRIX_STATE[spec.name]
+            kinds = res["state_kinds"]
+            assert all(kinds[k] == {"DTensor"} for k in sharded), kinds
+            assert all(kinds[k] == {"Tensor"} for k in whole), kinds
+            assert all(v == {"Tensor"} for k, v in kinds.items() if k not in sharded), kinds
 
 
-@pytest.mark.parametrize("spec", [s for s in SPECS if s.name in ("muon", "scion")],
-                         ids=lambda s: s.name)
-def test_each_rank_orthogonalises_its_share(run, spec):
+def matrix_jobs(name: str) -> tuple[list[tuple[int, ...]], int]:
+    """The shapes of the whole-matrix jobs an optimizer hands to owner_compute on each call, in
+    order, and the counted work (:data:`WORK_COUNTERS`) per job and call."""
+    named = [(n, tuple(p.shape)) for n, p in make_model(torch.float64).named_parameters()]
+    if name in ("muon", "scion"):  # Scion's spectral leaves are Muon's hidden matrices
+        return [s for n, s in named if len(s) == 2 and "embed" not in n and "lm_head" not in n], 1
+    if name == "soap":  # every matrix, both dims preconditioned: two Gram statistics per job
+        return [s for _, s in named if len(s) >= 2], 2
+    if name == "kron":  # every leaf has factors
+        return [s for _, s in named], 1
+    raise KeyError(name)
+
+
+MATRIX_SPECS = [s for s in SPECS if s.name in ("muon", "scion", "soap", "kron")]
+
+
+@pytest.mark.parametrize("spec", MATRIX_SPECS, ids=lambda s: s.name)
+def test_each_rank_computes_its_share_of_the_matrices(run, spec):
+    import functim.distributed as fd
+
     _, reports = run
     _no_worker_error(reports, *(f"{spec.name}-{s}-float64" for s in SURFACES))
-    owners = reports[0]["muon_owners"]  # Scion's spectral leaves are Muon's matrices
+    shapes, per_job = matrix_jobs(spec.name)
+    owners = fd.assign_owners(shapes, WORLD)  # round-robin, group by group
     share = [owners.count(r) for r in range(WORLD)]
     total = len(owners)
     assert 0 < min(share) and max(share) < total
@@ -491,11 +691,12 @@ def test_each_rank_orthogonalises_its_share(run, spec):
         key = f"{spec.name}-{surface}-float64"
         res = [rep["parity"][key] for rep in reports]
         for r in range(WORLD):
-            # the unsharded run orthogonalises every matrix; each rank only its share
-            assert res[r]["ref_ns"] == STEPS * total
-            assert res[r]["ns"] == STEPS * share[r], (r, res[r]["ns"], share)
-            assert res[r]["computed"] == STEPS * share[r]
-        assert sum(x["ns"] for x in res) == STEPS * total
+            # the unsharded run computes every matrix; each rank only its share
+            assert res[r]["ref_work"] == STEPS * total * per_job, (r, res[r]["ref_work"])
+            assert res[r]["work"] == STEPS * share[r] * per_job, (r, res[r]["work"], share)
+            assert res[r]["computed"] == STEPS * share[r], (r, res[r]["computed"], share)
+            assert res[r]["calls"] == STEPS
+        assert sum(x["work"] for x in res) == STEPS * total * per_job
 
 
 @pytest.mark.parametrize("name", list(ELEMENTWISE))
@@ -509,6 +710,21 @@ def test_every_elementwise_optimizer_on_dtensors(run, name):
             assert not isinstance(err, str), f"rank {r}, {case}:\n{err}"
             # float64: reduction order only; bfloat16: the same roundings on every element
             assert err <= (1e-12 if "float64" in case else 0.0), (r, case, err)
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_soap_and_kron_options_on_dtensors(run, name):
+    _, reports = run
+    _no_worker_error(reports)
+    for r, rep in enumerate(reports):
+        cases = {k: v for k, v in rep["matrix"].items() if k.split("-")[0] == name}
+        assert len(cases) == 4, f"not every case ran for {name}: {sorted(cases)}"
+        for case, err in cases.items():
+            assert not isinstance(err, str), f"rank {r}, {case}:\n{err}"
+            # the same gradients: params and state equal up to the order of norm reductions
+            p_err, s_err, moved = err
+            assert moved, (r, case)
+            assert max(p_err, s_err) <= (1e-12 if "float64" in case else 0.0), (r, case, err)
 
 
 def test_owner_compute_layouts(run):
@@ -547,6 +763,6 @@ def test_dcp_two_ranks_to_one_continues_like_uninterrupted(run, case):
     spec = _spec(name)
     model = resume(os.path.join(tmp, f"2ranks-{name}-{surface}"), make_model(torch.float64),
                    spec, surface, None)
-    errs = max_rel_err(model, uninterrupted(spec, surface))
+    errs = max_rel_err(model, uninterrupted(tmp, name, surface))
     bad = {n: e for n, e in errs.items() if not e <= TOL[torch.float64]}
     assert not bad, bad

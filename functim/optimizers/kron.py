@@ -64,6 +64,18 @@ counters in the state — ``prob_step`` (the reference's ``_prob_step``, steps d
 lives on the params' device (momentum, factors, hyperparameters, ``step``) is only used in device
 ops. (A state whose counters were moved to an accelerator is read back once, with a sync.)
 
+Sharded params (DTensor, e.g. FSDP2's ``fully_shard`` shards): the momentum is made with
+``zeros_like``, so it is sharded like the params, and the factors are plain tensors that every
+rank holds whole. On DTensor leaves the momentum, the RMS clip (a whole-tensor norm, the same on
+every rank), the weight decay and the step run on each rank's shard; per leaf, the balancing, the
+factor update and ``U = P·m̂`` are one :func:`functim.distributed.owner_compute` job: ``m̂`` (and
+the gradient when ``momentum_into_precond_update=False``) gathered whole on an owner rank
+(round-robin), ``U`` scattered back to the shards, the new factors sent to every rank. The probes
+are drawn before the exchange, for every leaf on every rank, from the state's generator in tree
+order as in the unsharded code, so the generator state stays the same on all ranks and equal to
+the unsharded run's; the update and balancing decisions come from the CPU counters, the same on
+every rank. The result equals the unsharded optimizer's (``tests/test_distributed.py``).
+
 Not traceable: ``torch.func.vmap`` and ``torch.compile`` cannot trace this update, because
 whether the (expensive) preconditioner update runs is host control flow on the counters, and the
 probes come from a ``torch.Generator`` (random ops are refused under vmap's default
@@ -94,7 +106,13 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
+from ..kernels import (
+    ListOps,
+    group_by_device_and_dtype,
+    has_dtensor,
+    is_dtensor,
+    needs_per_tensor,
+)
 from ..linalg.shapes import kron_merge_shape
 from ..linalg.triangular import balance_factors, kron_precondition, update_factors
 
@@ -460,23 +478,16 @@ class Kron(Optimizer):
         factors = [list(q) for q in qs]
         if first and self.precond_init_scale is None:
             factors = self._data_init_scale(ps, gs, factors)
-        updates = []
-        for j, p in enumerate(ps):
-            plan = self.plan(p.shape)
-            q = factors[j]
-            mh = m_hat[j].reshape(plan.merged_shape)
-            if balance and len(plan.merged_shape) > 1:
-                q = balance_factors(q)
-            if do_update:
-                pd = mh.dtype
-                src = mh if self.momentum_into_precond_update else \
-                    gs[j].to(pd).reshape(plan.merged_shape)
-                v = torch.randn(plan.merged_shape, generator=gen, dtype=pd, device=gen.device)
-                if v.device != mh.device:
-                    v = v.to(mh.device)
-                q = update_factors(q, src, v, hp["precond_lr"].to(mh.device))
-            factors[j] = tuple(q)
-            updates.append(kron_precondition(q, mh).reshape(p.shape))
+        srcs = [None] * len(ps) if self.momentum_into_precond_update else gs
+        if has_dtensor(m_hat):
+            updates, factors = self._sharded_precondition(
+                ps, m_hat, srcs, factors, hp["precond_lr"], gen, do_update=do_update,
+                balance=balance)
+        else:  # the probes are drawn leaf by leaf, in tree order
+            probes = [self._probe(p, gen) if do_update else None for p in ps]
+            updates, factors = self._precondition(
+                [tuple(p.shape) for p in ps], m_hat, srcs, factors, probes, hp["precond_lr"],
+                do_update=do_update, balance=balance)
 
         # 3. RMS clip at 1.1, weight decay on ≥2-D leaves, step, in the wider of the param and
         # preconditioner dtypes (float32 for bf16 params, float64 for float64 params); per
@@ -514,12 +525,78 @@ class Kron(Optimizer):
                 new_p[j] = ops.write_back([p], [o], donate=donate)[0] if mx else o
         return new_p, new_m, factors
 
+    def _probe(self, p: torch.Tensor, gen: torch.Generator) -> Callable[[], torch.Tensor]:
+        """The probe ``V ~ N(0, I)`` of a leaf (its merged shape, in the preconditioner dtype),
+        drawn from ``gen`` when called."""
+        shape = self.plan(p.shape).merged_shape
+        dtype = self.factor_dtype(p.dtype)
+        return lambda: torch.randn(shape, generator=gen, dtype=dtype, device=gen.device)
+
+    def _precondition(self, shapes, m_hat, srcs, factors, probes, precond_lr, *, do_update,
+                      balance) -> tuple[list, list]:
+        """The whole-matrix part of a step, per leaf: balancing, the factor update from the
+        probe, then ``U = P·m̂`` (param-shaped, in the preconditioner dtype). ``srcs``: the
+        gradients when the factors learn from them (``momentum_into_precond_update=False``),
+        else ``None``s; ``probes``: the leaves' ``V`` (tensors, or callables drawing them), used
+        on update steps. Returns ``(updates, factors)``."""
+        updates, new_q = [], []
+        for shape, mh, g, q, v in zip(shapes, m_hat, srcs, factors, probes):
+            plan = self.plan(shape)
+            mh = mh.reshape(plan.merged_shape)
+            q = list(q)
+            if balance and len(plan.merged_shape) > 1:
+                q = balance_factors(q)
+            if do_update:
+                pd = mh.dtype
+                src = mh if g is None else g.to(pd).reshape(plan.merged_shape)
+                v = v() if callable(v) else v
+                if v.device != mh.device:
+                    v = v.to(mh.device)
+                q = update_factors(q, src, v, precond_lr.to(mh.device))
+            new_q.append(tuple(q))
+            updates.append(kron_precondition(q, mh).reshape(shape))
+        return updates, new_q
+
+    def _sharded_precondition(self, ps, m_hat, srcs, factors, precond_lr, gen, *, do_update,
+                              balance) -> tuple[list, list]:
+        """:meth:`_precondition` on DTensor leaves (FSDP2 shards), each leaf one
+        :func:`functim.distributed.owner_compute` job: ``m̂`` (and the gradient if the factors
+        learn from it) gathered whole on the leaf's owner rank, ``U`` scattered back to the
+        shards, the new factors broadcast (only on calls that change them). The probes are drawn
+        here for every leaf, on every rank, in tree order (the unsharded draws), so the
+        generator state stays the same on all ranks and equals the unsharded run's."""
+        from ..distributed import owner_compute
+
+        shapes = [tuple(p.shape) for p in ps]
+        probes = [self._probe(p, gen)() if do_update else None for p in ps]
+        changed = do_update or (balance and any(len(self.plan(s).merged_shape) > 1
+                                                for s in shapes))
+        K = max(len(q) for q in factors)
+
+        def pad(q):
+            return [q[k] if k < len(q) else None for k in range(K)]
+
+        q_out = [list(col) for col in zip(*[pad(q) if changed else [None] * K for q in factors])]
+
+        def fn(shapes_, m_hat_, srcs_, factors_, probes_):
+            u, q = self._precondition(shapes_, m_hat_, srcs_, factors_, probes_, precond_lr,
+                                      do_update=do_update, balance=balance)
+            return [(a, *pad(b)) for a, b in zip(u, q)]
+
+        res = owner_compute(fn, shapes, m_hat, srcs, factors, probes, out=(m_hat, *q_out))
+        updates = [r[0] for r in res]
+        new_q = [tuple(x for x in r[1:] if x is not None) if changed else tuple(q)
+                 for r, q in zip(res, factors)]
+        return updates, new_q
+
     def _data_init_scale(self, ps, gs, factors):
         """PSGD's data-derived initial scale (see the module docstring), applied to identity-scale
         factors on the first step."""
         dev = ps[0].device
-        m4 = torch.stack([g.to(self.factor_dtype(p.dtype)).abs().pow(4).mean().to(
-            dtype=torch.float64, device=dev) for p, g in zip(ps, gs)])
+        m4 = [g.to(self.factor_dtype(p.dtype)).abs().pow(4).mean() for p, g in zip(ps, gs)]
+        # a DTensor leaf's mean is the whole tensor's, replicated: as a plain value here
+        m4 = torch.stack([(x.full_tensor() if is_dtensor(x) else x).to(
+            dtype=torch.float64, device=dev) for x in m4])
         scale = (m4.amax() + 1e-36) ** (-1 / 8)
         out = []
         for p, q in zip(ps, factors):

@@ -70,6 +70,20 @@ refresh steps (matmuls, ``argsort``, ``index_select``, QR) read no device value 
 this code. Whether torch's CUDA QR synchronises internally is checked by
 ``tests/test_soap.py::test_cuda_steady_state_does_not_sync`` where a GPU is present.
 
+Sharded params (DTensor, e.g. FSDP2's ``fully_shard`` shards): ``init_state`` makes the moments
+with ``zeros_like``, so they are sharded like the params, and ``GG``/``Q`` are plain tensors that
+every rank holds whole (``torch.distributed.checkpoint`` saves them once and loads them on any
+number of ranks). An eager call on DTensor leaves runs the leaves without a basis (Adam) on each
+rank's shard; each preconditioned leaf is one :func:`functim.distributed.owner_compute` job: its
+param, gradient and moments are gathered whole on an owner rank (round-robin over the ranks), the
+unsharded code above runs there once, the param and moments go back to the shards and the new
+``GG`` (and, on the first and refresh calls, ``Q``) to every rank. "First call?" and "refresh?"
+come from the CPU call counter, the same on every rank. The result equals the unsharded
+optimizer's (``tests/test_distributed.py``). The exchange is simple rather than minimal (the
+param and both moments travel too; the gradient and the normalised direction would do on
+non-refresh calls). DTensor leaves are taken in eager mode only (not under ``torch.compile`` or
+``vmap``).
+
 State: ``step`` (int32, real updates), ``calls`` (int64 on the CPU, calls made, the first
 included), ``hyperparams`` (lr, beta1, beta2, shampoo_beta, eps, weight_decay), ``exp_avg`` and
 ``exp_avg_sq`` (in the eigenbasis, shaped like the param), ``GG`` and ``Q``: per leaf a list with
@@ -107,7 +121,7 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, needs_per_tensor
+from ..kernels import ListOps, has_dtensor, is_dtensor, needs_per_tensor
 from ..linalg.eigen import eigh_descending, gram, power_qr_refresh, project, project_back
 from ..linalg.shapes import soap_merge_shape
 
@@ -239,8 +253,9 @@ class SoapOptimizer(Optimizer):
                                 f"parameter {path!r}")
         device = state_device(leaves)
 
-        def zeros(x):
-            return torch.zeros(x.shape, dtype=self.buffer_dtype(x.dtype), device=x.device)
+        def zeros(x):  # zeros_like: a DTensor param (FSDP2 shard) gets a DTensor moment
+            return torch.zeros_like(x, dtype=self.buffer_dtype(x.dtype),
+                                    memory_format=torch.contiguous_format)
 
         def mats(x, fill):
             pd = self.preconditioner_dtype(x.dtype)
@@ -340,9 +355,17 @@ class SoapOptimizer(Optimizer):
             mode = "eager"
         inplace = donate and mode == "eager"
         t = step + 1
+        if mode != "eager" and (has_dtensor(leaves.p) or has_dtensor(leaves.g)):
+            raise TypeError("soap: DTensor parameters or gradients (sharded training) are taken "
+                            "in eager mode only, not under torch.compile or torch.func "
+                            "transforms")
         if mode == "eager":
             c = int(calls)  # a CPU tensor: a memory read, not a device sync
-            if c == 0:
+            if has_dtensor(leaves.p) or has_dtensor(leaves.g):
+                out = self._sharded_call(leaves, hp, t, inplace, first=c == 0,
+                                         refresh=c % self.precondition_frequency == 0)
+                new_step = step if c == 0 else t
+            elif c == 0:
                 out = self._first_call(leaves, hp, inplace)
                 new_step = step
             else:
@@ -369,10 +392,13 @@ class SoapOptimizer(Optimizer):
     def _beta_shampoo(self, hp):
         return torch.where(hp["shampoo_beta"] >= 0, hp["shampoo_beta"], hp["beta2"])
 
-    def _grad_views(self, lv: _Leaves) -> list[torch.Tensor | None]:
-        """Each preconditioned leaf's gradient in its view, in the preconditioner dtype."""
-        return [pl.to_view(g.to(self.preconditioner_dtype(p.dtype))) if pl.any else None
-                for pl, p, g in zip(lv.plans, lv.p, lv.g)]
+    def _grad_views(self, lv: _Leaves, dtypes: Sequence[torch.dtype] | None = None
+                    ) -> list[torch.Tensor | None]:
+        """Each preconditioned leaf's gradient in its view, in the preconditioner dtype (of the
+        params' ``dtypes``; default ``lv.p``'s)."""
+        dtypes = [p.dtype for p in lv.p] if dtypes is None else dtypes
+        return [pl.to_view(g.to(self.preconditioner_dtype(dt))) if pl.any else None
+                for pl, dt, g in zip(lv.plans, dtypes, lv.g)]
 
     def _accumulate(self, lv: _Leaves, gv, hp, inplace: bool) -> list[list[torch.Tensor]]:
         """``L_i ← lerp(L_i, G_(i)G_(i)ᵀ, 1−β_s)`` for every preconditioned dim."""
@@ -394,9 +420,11 @@ class SoapOptimizer(Optimizer):
             out.append(new)
         return out
 
-    def _first_call(self, lv: _Leaves, hp, inplace: bool) -> tuple:
-        """Statistics from the first gradient and their eigenbases; nothing else changes."""
-        GG = self._accumulate(lv, self._grad_views(lv), hp, inplace)
+    def _first_call(self, lv: _Leaves, hp, inplace: bool,
+                    dtypes: Sequence[torch.dtype] | None = None) -> tuple:
+        """Statistics from the first gradient and their eigenbases; nothing else changes
+        (``dtypes``: the params' dtypes when ``lv.p`` does not hold the params)."""
+        GG = self._accumulate(lv, self._grad_views(lv, dtypes), hp, inplace)
         Q = []
         for Ls, Qs in zip(GG, lv.Q):
             new = [eigh_descending(L) for L in Ls]
@@ -507,6 +535,64 @@ class SoapOptimizer(Optimizer):
             new_v.append(vv)
         return new_Q, new_m, new_v
 
+    def _sharded_call(self, lv: _Leaves, hp, t, inplace: bool, *, first: bool,
+                      refresh: bool) -> tuple:
+        """A call on DTensor leaves (FSDP2 shards). Leaves without a basis are Adam, elementwise,
+        on the shards. Each preconditioned leaf's whole step (projections, statistics, bases) is
+        one :func:`functim.distributed.owner_compute` job: gathered whole on its owner rank,
+        computed there by the unsharded code, and scattered back (param and moments to their
+        shards, ``GG`` and on first/refresh calls ``Q`` broadcast as plain tensors); ``first``
+        and ``refresh`` come from the CPU call counter, the same on every rank."""
+        from ..distributed import owner_compute
+
+        n = len(lv.p)
+        out = [list(lv.p), list(lv.m), list(lv.v), list(lv.GG), list(lv.Q)]
+        rest = [i for i in range(n) if not lv.plans[i].any]
+        if rest:
+            sub = lv.select(rest)
+            res = (self._first_call(sub, hp, inplace) if first
+                   else self._real_step(sub, hp, t, inplace, False))
+            for k in range(5):
+                for j, i in enumerate(rest):
+                    out[k][i] = res[k][j]
+        pre = [i for i in range(n) if lv.plans[i].any]
+        if not pre:
+            return tuple(out)
+        sub = lv.select(pre)
+        K = max(len(pl.dims) for pl in sub.plans)
+        new_q = first or refresh  # otherwise the bases do not change: nothing to send
+
+        def pad(mats, on=True):
+            return [mats[k] if on and k < len(mats) else None for k in range(K)]
+
+        gg_out = [list(col) for col in zip(*[pad(Ls) for Ls in sub.GG])]
+        q_out = [list(col) for col in zip(*[pad(Qs, new_q) for Qs in sub.Q])]
+        if first:  # the params and moments are untouched: only the gradients travel
+            def fn(g, GG, Q, plans, dtypes):
+                w = _Leaves(plans=plans, p=g, g=g, m=g, v=g, GG=GG, Q=Q, decay=[False] * len(g))
+                r = self._first_call(w, hp, False, dtypes)
+                return [(*pad(a), *pad(b)) for a, b in zip(r[3], r[4])]
+
+            res = owner_compute(fn, sub.g, sub.GG, sub.Q, sub.plans, [p.dtype for p in sub.p],
+                                out=(*gg_out, *q_out))
+            res = [(p, m, v, *r) for p, m, v, r in zip(sub.p, sub.m, sub.v, res)]
+        else:
+            def fn(p, g, m, v, GG, Q, plans, decay):
+                r = self._real_step(_Leaves(plans=plans, p=p, g=g, m=m, v=v, GG=GG, Q=Q,
+                                            decay=decay), hp, t, False, refresh)
+                return [(r[0][j], r[1][j], r[2][j], *pad(r[3][j]), *pad(r[4][j], new_q))
+                        for j in range(len(p))]
+
+            res = owner_compute(fn, sub.p, sub.g, sub.m, sub.v, sub.GG, sub.Q, sub.plans,
+                                sub.decay, out=(sub.p, sub.m, sub.v, *gg_out, *q_out))
+        for j, i in enumerate(pre):
+            r = res[j]
+            out[0][i], out[1][i], out[2][i] = r[0], r[1], r[2]
+            out[3][i] = [x for x in r[3:3 + K] if x is not None]
+            if new_q:
+                out[4][i] = [x for x in r[3 + K:] if x is not None]
+        return tuple(out)
+
     def _traced_call(self, lv: _Leaves, hp, step, calls, mode):
         """Both kinds of call in one traced graph: ``torch.cond`` under ``torch.compile``
         (``mode="cond"``), both computed and ``torch.where``-selected under a batching
@@ -544,12 +630,17 @@ class _Leaves:
     Q: list
     decay: list[bool]
 
+    def select(self, idx: Sequence[int]) -> _Leaves:
+        return _Leaves(*([getattr(self, f)[i] for i in idx] for f in
+                         ("plans", "p", "g", "m", "v", "GG", "Q", "decay")))
+
 
 def _buckets(lv: _Leaves) -> list[list[int]]:
-    """Indices grouped so that each group's lists share device and dtypes (foreach ops)."""
+    """Indices grouped so that each group's lists share device, dtypes and tensor type (foreach
+    ops; DTensor shards and plain tensors apart)."""
     groups: dict[tuple, list[int]] = {}
     for i, (p, m, v, d) in enumerate(zip(lv.p, lv.m, lv.v, lv.decay)):
-        groups.setdefault((p.device, p.dtype, m.dtype, v.dtype, d), []).append(i)
+        groups.setdefault((p.device, p.dtype, m.dtype, v.dtype, d, is_dtensor(p)), []).append(i)
     return list(groups.values())
 
 
