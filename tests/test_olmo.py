@@ -561,7 +561,8 @@ def test_checkpoint_resume_is_bitwise(name, flatten, tmp_path):
 # paths that once failed on DTensors: MARS's in-place clamp of a norm, and writing results
 # back into params whose dtype differs from the state's (bfloat16 params, state_dtype)
 FSDP_CASES = ["sgd", "adamw", "nadamw_torch", "cautious_adamw", "schedule_free_adamw", "muon",
-              "scion", "mars", "adamw_bf16", "sgd_f64_state", "sophia"]
+              "scion", "mars", "adamw_bf16", "sgd_f64_state", "sophia",
+              "soap", "kron"]
 
 
 def _fsdp_worker(out_dir: str) -> None:
@@ -586,8 +587,10 @@ def _fsdp_worker(out_dir: str) -> None:
             for p in model.parameters():
                 for k, v in opt.state[p].items():
                     # param-shaped state is sharded like the param; the rest (scalars, Sophia's
-                    # RNG key, whole-matrix preconditioners) is replicated on every rank
-                    if v.is_floating_point() and v.shape == p.shape:
+                    # RNG key, SOAP's and Kron's preconditioner matrices) is replicated
+                    if k.split(".")[0] in ("GG", "Q"):
+                        assert not isinstance(v, DTensor), f"state {k!r} should be replicated"
+                    elif v.is_floating_point() and v.shape == p.shape:
                         assert isinstance(v, DTensor) and v.placements == p.placements, \
                             f"state {k!r} is not sharded like its param"
             ckpt = os.path.join(out_dir, f"ckpt_{name}")
