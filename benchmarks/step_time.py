@@ -79,7 +79,8 @@ Columns of the ``--optimizers`` table:
 
 - ``bytes/param``: the least memory traffic of one float32 step per parameter, from the
   formula in :data:`OPTIMIZERS` (every tensor read or written once: e.g. AdamW reads p, g, m, v
-  and writes p, m, v: 28);
+  and writes p, m, v: 28; plus, for Cautious and MARS, the pass that their per-tensor mask count
+  or clip norm needs before the leaf can step: 8 more);
 - ``eager ms`` / ``compiled ms``: median per-step time over the timed steps;
 - ``eager x fused``: eager ms / ``torch.optim.AdamW(fused=True)`` ms;
 - ``eager target``: ``torch.optim.AdamW(foreach=True)`` ms x bytes/param / 28 (torch's foreach
@@ -448,6 +449,9 @@ class OptSpec:
 
 # bytes/param: float32 traffic of one step, each tensor read ("r") or read and written ("rw")
 # once; "rw 8" = 4 bytes read + 4 written. §14 counts state tensors per param, scalars ignored.
+# A per-tensor reduction that every element's update depends on (Cautious's mask count, MARS's
+# clip norm of the corrected gradient) must finish before that leaf steps, so even a fully fused
+# step reads its inputs twice: that first pass ("count pass", "norm pass") is counted too.
 ADAM_BYTES = "p rw 8 + g r 4 + m rw 8 + v rw 8"
 OPTIMIZERS: dict[str, OptSpec] = {
     "adamw": OptSpec("ft.adamw(fused=False)", lambda: ft.adamw(fused=False), ADAM_BYTES, 2),
@@ -457,14 +461,16 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "nadamw": OptSpec("ft.nadamw()", lambda: ft.nadamw(), ADAM_BYTES, 2),
     "nadamw-torch": OptSpec('ft.nadamw(variant="torch")', lambda: ft.nadamw(variant="torch"),
                             ADAM_BYTES, 2),
-    "cautious-adamw": OptSpec("ft.cautious_adamw()", lambda: ft.cautious_adamw(), ADAM_BYTES, 2),
+    "cautious-adamw": OptSpec("ft.cautious_adamw()", lambda: ft.cautious_adamw(),
+                              ADAM_BYTES + " + count pass (m, g) r 8", 2),
     "cautious-lion": OptSpec("ft.cautious_lion()", lambda: ft.cautious_lion(),
-                             "p rw 8 + g r 4 + m rw 8", 1),
+                             "p rw 8 + g r 4 + m rw 8 + count pass (m, g) r 8", 1),
     "lion": OptSpec("ft.lion()", lambda: ft.lion(), "p rw 8 + g r 4 + m rw 8", 1),
     "signsgd": OptSpec("ft.signsgd()", lambda: ft.signsgd(), "p rw 8 + g r 4", 0),
     "signum": OptSpec("ft.signum()", lambda: ft.signum(), "p rw 8 + g r 4 + m rw 8", 1),
     "mars": OptSpec("mars()", lambda ctor: ctor(),
-                    "p rw 8 + g r 4 + m rw 8 + v rw 8 + last_grad rw 8", 3, "3 (exact 4)",
+                    "p rw 8 + g r 4 + m rw 8 + v rw 8 + last_grad rw 8"
+                    " + norm pass (g, last_grad) r 8", 3, "3 (exact 4)",
                     module="functim.optimizers.mars:mars"),
     "sf-adamw": OptSpec("schedule_free_adamw()", lambda ctor: ctor(),
                         "p(y) rw 8 + g r 4 + z rw 8 + v rw 8", 2, "2 (reference 4)",

@@ -118,12 +118,56 @@ def _cast_scalars(a, dtype):
     return a
 
 
+def _as_tensor(s, like: torch.Tensor) -> torch.Tensor:
+    """A float or 0-d tensor scalar as a 0-d tensor of ``like``'s dtype and device."""
+    if isinstance(s, torch.Tensor):
+        return s.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(s, dtype=like.dtype, device=like.device)
+
+
 def _per_elem(args, i):
     return [a[i] if isinstance(a, (list, tuple)) else a for a in args]
 
 
 # foreach ops whose out-of-place form has no DTensor sharding strategy (their in-place form has)
 _NO_DTENSOR_OUT_OF_PLACE = frozenset({"addcdiv"})
+# ``out=`` is honoured (see ListOps.writes_out) when the leaves hold this many elements on average
+_OUT_MIN_NUMEL = 1 << 16
+
+
+_NORM_CHUNK = 1 << 15
+
+
+def _chunked_norm_applies(xs: Sequence[torch.Tensor], ord: float) -> bool:
+    if ord not in (1, 2) or is_dtensor(xs[0]) or torch.compiler.is_compiling():
+        return False
+    if xs[0].device.type != "cpu":  # the float64 copy is a CPU cost; elsewhere one fused kernel
+        return False
+    if xs[0].dtype != torch.float32:  # (a bfloat16 chunk norm would round to 8 bits)
+        return False
+    if sum(x.numel() for x in xs) <= _NORM_CHUNK * len(xs):
+        return False  # small leaves: the float64 copies are cheap
+    return all(x.is_contiguous() for x in xs)
+
+
+def _chunked_norm(xs: Sequence[torch.Tensor], ord: float) -> list[torch.Tensor]:
+    """See :meth:`ListOps.norm`: norms of ``2^15``-element chunks in float32, combined
+    per leaf in float64 (``Σ r`` for ``ord=1``, ``sqrt(Σ r²)`` for ``ord=2``)."""
+    views: list[torch.Tensor] = []
+    owner: list[int] = []
+    for i, x in enumerate(xs):
+        parts = x.view(-1).split(_NORM_CHUNK) if x.numel() else (x.view(-1),)
+        views.extend(parts)
+        owner.extend([i] * len(parts))
+    partial = torch.stack(torch._foreach_norm(views, ord)).to(torch.float64)
+    if ord == 2:
+        partial = partial * partial
+    index = torch.tensor(owner, device=partial.device)
+    total = torch.zeros(len(xs), dtype=torch.float64, device=partial.device)
+    total.index_add_(0, index, partial)
+    if ord == 2:
+        total = total.sqrt()
+    return list(total.unbind())
 
 
 class ListOps:
@@ -136,7 +180,8 @@ class ListOps:
     def __init__(self, per_tensor: bool):
         self.per_tensor = per_tensor
 
-    def _run(self, name: str, xs: TensorList, *args, inplace: bool = False) -> TensorList:
+    def _run(self, name: str, xs: TensorList, *args, inplace: bool = False,
+             out: TensorList | None = None) -> TensorList:
         if not xs:
             return xs
         # a float64 0-d hyperparameter (or per-leaf scalar) must not promote a 0-d leaf
@@ -145,9 +190,14 @@ class ListOps:
         if self.per_tensor:
             fn = getattr(torch, name)
             return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
-        if inplace:
+        if inplace or out is xs:
             getattr(torch, f"_foreach_{name}_")(xs, *args)
             return xs
+        if out is not None and self.writes_out(xs):
+            fn = getattr(torch, name)
+            for i, (x, o) in enumerate(zip(xs, out)):
+                fn(x, *_per_elem(args, i), out=o)
+            return out
         if name in _NO_DTENSOR_OUT_OF_PLACE and is_dtensor(xs[0]):
             # DTensor (torch 2.13) has a sharding strategy for _foreach_addcdiv_ but none for the
             # out-of-place _foreach_addcdiv: the same maths, in place on a copy
@@ -156,68 +206,133 @@ class ListOps:
             return xs
         return list(getattr(torch, f"_foreach_{name}")(xs, *args))
 
+    def writes_out(self, xs: TensorList) -> bool:
+        """Whether an op given ``out=`` writes its result into those tensors (else it returns a
+        new list and ``out`` is left alone).
+
+        Only for large CPU leaves in eager mode: there a fresh temporary costs a page fault per
+        page (torch's CPU allocator hands large blocks straight back to the OS, so every step's
+        temporaries are new memory, several times dearer than a pass over warm memory), and a
+        CPU ``_foreach_*`` op is a loop of per-tensor kernels anyway, so looping over
+        ``torch.<op>(x, out=o)`` runs the same kernels. Elsewhere ``torch.compile`` fuses the
+        temporaries away, CUDA's caching allocator reuses them, DTensor has no ``out=`` sharding
+        rules, and for many small leaves the Python loop would cost more than the allocations.
+        """
+        if self.per_tensor or not xs or xs[0].device.type != "cpu" or is_dtensor(xs[0]):
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        return sum(x.numel() for x in xs) >= _OUT_MIN_NUMEL * len(xs)
+
     # -- binary / scalar ops -------------------------------------------------------------
-    def mul(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
+    # ``out``: a list of temporaries the caller owns (same shapes and dtype as the result); the
+    # result may be written into them (see :meth:`writes_out`) — always use the returned list.
+    def mul(self, xs: TensorList, other, *, inplace: bool = False, out=None) -> TensorList:
         """``x · other`` (``other``: a list of tensors — 0-d per-leaf scalars broadcast —, a
         float, or a 0-d tensor)."""
-        return self._run("mul", xs, other, inplace=inplace)
+        return self._run("mul", xs, other, inplace=inplace, out=out)
 
-    def sub(self, xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
+    def sub(self, xs: TensorList, ys: TensorList, *, inplace: bool = False,
+            out=None) -> TensorList:
         """``x - y`` for two lists."""
-        return self._run("sub", xs, ys, inplace=inplace)
+        return self._run("sub", xs, ys, inplace=inplace, out=out)
 
-    def div(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
-        return self._run("div", xs, other, inplace=inplace)
+    def div(self, xs: TensorList, other, *, inplace: bool = False, out=None) -> TensorList:
+        return self._run("div", xs, other, inplace=inplace, out=out)
 
-    def add(self, xs: TensorList, other, *, inplace: bool = False) -> TensorList:
+    def add(self, xs: TensorList, other, *, inplace: bool = False, out=None) -> TensorList:
         """``x + other`` (``other``: list, float, or 0-d tensor)."""
-        return self._run("add", xs, other, inplace=inplace)
+        return self._run("add", xs, other, inplace=inplace, out=out)
 
-    def lerp(self, xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False):
+    def lerp(self, xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False,
+             out=None):
         """``x + weight·(y - x)``; a tensor weight is broadcast to every leaf."""
         if isinstance(weight, torch.Tensor) and not self.per_tensor and xs:
             weight = [weight.to(xs[0].dtype)] * len(xs)
-        return self._run("lerp", xs, ys, weight, inplace=inplace)
+        return self._run("lerp", xs, ys, weight, inplace=inplace, out=out)
 
-    def maximum(self, xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
-        return self._run("maximum", xs, ys, inplace=inplace)
+    def maximum(self, xs: TensorList, ys: TensorList, *, inplace: bool = False,
+                out=None) -> TensorList:
+        return self._run("maximum", xs, ys, inplace=inplace, out=out)
 
-    def addcdiv(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False):
+    def addcdiv(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False,
+                out=None):
         """``x + a/b``."""
-        return self._run("addcdiv", xs, a, b, inplace=inplace)
+        return self._run("addcdiv", xs, a, b, inplace=inplace, out=out)
 
-    def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False):
+    def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False,
+                out=None):
         """``x + a·b``."""
-        return self._run("addcmul", xs, a, b, inplace=inplace)
+        return self._run("addcmul", xs, a, b, inplace=inplace, out=out)
+
+    def add_scaled(self, xs: TensorList, ys: TensorList, scale, *,
+                   inplace: bool = False) -> TensorList:
+        """``x + y·scale`` in one pass (``scale``: a float, a 0-d tensor, or a list of per-leaf
+        0-d tensors), as ``addcmul``: rounded once (a fused multiply-add on CPU), so it can
+        differ from ``add(x, mul(y, scale))`` by an ulp (not where ``y·scale`` is exact, e.g.
+        ``y ∈ {−1, 0, 1}``). DTensors take ``add(x, mul(y, scale))``. ``ys`` is only read."""
+        if not xs:
+            return xs
+        if is_dtensor(xs[0]):  # no sharding rule for addcmul with a plain 0-d tensor
+            return self.add(xs, self.mul(ys, scale), inplace=inplace)
+        if not isinstance(scale, list):
+            scale = [_as_tensor(scale, xs[0])] * len(xs)
+        return self._run("addcmul", xs, ys, scale, inplace=inplace)
+
+    def copysign(self, xs: TensorList, ys: TensorList, *, inplace: bool = False,
+                 out=None) -> TensorList:
+        """``|x|`` with the sign bit of ``y`` (torch has no foreach form: a per-tensor loop)."""
+        if self.per_tensor or not (inplace or out is not None):
+            return [torch.copysign(x, y) for x, y in zip(xs, ys)]
+        if inplace or out is xs:
+            for x, y in zip(xs, ys):
+                x.copysign_(y)
+            return xs
+        if self.writes_out(xs):
+            for x, y, o in zip(xs, ys, out):
+                torch.copysign(x, y, out=o)
+            return out
+        return [torch.copysign(x, y) for x, y in zip(xs, ys)]
 
     # -- unary ops -----------------------------------------------------------------------
-    def neg(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
-        return self._run("neg", xs, inplace=inplace)
+    def neg(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
+        return self._run("neg", xs, inplace=inplace, out=out)
 
-    def sqrt(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
-        return self._run("sqrt", xs, inplace=inplace)
+    def sqrt(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
+        return self._run("sqrt", xs, inplace=inplace, out=out)
 
-    def sign(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
-        return self._run("sign", xs, inplace=inplace)
+    def sign(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
+        return self._run("sign", xs, inplace=inplace, out=out)
 
-    def abs(self, xs: TensorList, *, inplace: bool = False) -> TensorList:
-        return self._run("abs", xs, inplace=inplace)
+    def abs(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
+        return self._run("abs", xs, inplace=inplace, out=out)
 
-    def clamp_min(self, xs: TensorList, low: float, *, inplace: bool = False) -> TensorList:
-        return self._run("clamp_min", xs, low, inplace=inplace)
+    def clamp_min(self, xs: TensorList, low: float, *, inplace: bool = False,
+                  out=None) -> TensorList:
+        return self._run("clamp_min", xs, low, inplace=inplace, out=out)
 
-    def clamp_max(self, xs: TensorList, high: float, *, inplace: bool = False) -> TensorList:
-        return self._run("clamp_max", xs, high, inplace=inplace)
+    def clamp_max(self, xs: TensorList, high: float, *, inplace: bool = False,
+                  out=None) -> TensorList:
+        return self._run("clamp_max", xs, high, inplace=inplace, out=out)
 
     def norm(self, xs: TensorList, ord: float = 2.0) -> TensorList:
         """Per-leaf vector norm of each whole tensor, accumulated and returned in float64 (a list
         of 0-d tensors, one pass). float32 accumulation is not enough: summing 4e7 ones in
         float32 gives 2^25. The norm of a sharded DTensor leaf is the whole tensor's, replicated
-        on every rank."""
+        on every rank.
+
+        Eager on the CPU, for contiguous float32 leaves and ``ord`` 1 or 2, the leaves are
+        cut into chunks of ``2^15`` elements whose norms are taken in float32 and combined
+        in float64: ``_foreach_norm(dtype=float64)`` would first copy every leaf to float64 (a
+        new 8-byte array per element, dearer than the norm itself). Counts (``ord=1`` of a 0/1
+        mask) stay exact (each chunk's sum is below 2^24); an L2 norm is within a few float32
+        ulps of the float64 one."""
         if not xs:
             return []
         if self.per_tensor:
             out = [torch.linalg.vector_norm(x, ord, dtype=torch.float64) for x in xs]
+        elif _chunked_norm_applies(xs, ord):
+            out = _chunked_norm(xs, ord)
         else:
             out = list(torch._foreach_norm(xs, ord, dtype=torch.float64))
         return _replicate_partials(out) if is_dtensor(xs[0]) else out

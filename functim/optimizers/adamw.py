@@ -20,30 +20,54 @@ from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
 
 
-def _adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, maximize):
+def _adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, maximize,
+                  g_owned=False):
+    """``g_owned``: ``g`` is a temporary of the caller's (MARS's corrected gradient) that may be
+    overwritten once the first moment has read it."""
     lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
     if maximize:
         g = ops.neg(g)
+        g_owned = True
     m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
-    g2 = ops.mul(g, g)
-    v = ops.lerp(b["exp_avg_sq"], g2, 1 - beta2, inplace=inplace)
-    new_b = {"exp_avg": m, "exp_avg_sq": v}
-    second = v
-    if amsgrad:
-        second = new_b["max_exp_avg_sq"] = ops.maximum(b["max_exp_avg_sq"], v, inplace=inplace)
-    p = adaptive_step(ops, p, m, second, hp, -lr / (1 - beta1**step), step, decay=decay,
+    v, new_b, denom = second_moment(ops, g, b, beta2, inplace=inplace, amsgrad=amsgrad,
+                                    g_owned=g_owned)
+    new_b = {"exp_avg": m, **new_b}
+    denom = adam_denominator(ops, v, denom, hp, step)
+    p = adaptive_step(ops, p, m, denom, hp, -lr / (1 - beta1**step), decay=decay,
                       inplace=inplace)
     return p, new_b
 
 
-def adaptive_step(ops, p, numer, second, hp, scale, step, *, decay, inplace):
-    """The Adam-family tail shared by AdamW, NAdamW, Cautious AdamW and MARS:
-    ``p ← p·(1 − η·λ) + scale·numer/(sqrt(second)/sqrt(1 − β2^t) + ε)`` (EPS_OUT), with ``scale``
-    a 0-d tensor (``−η/bc1`` for AdamW). ``numer`` and ``second`` are only read."""
-    lr = hp["lr"]
-    denom = ops.sqrt(second)
+def second_moment(ops, g, b, beta2, *, inplace, amsgrad=False, g_owned=False):
+    """``v ← lerp(v, g², 1 − β2)`` (and the amsgrad running max of the raw ``v``). Returns
+    ``(second, new buffers, scratch)``: ``second`` is what the denominator uses, ``scratch`` the
+    temporary that held ``g²`` (``g`` itself when ``g_owned``), free for the caller to reuse."""
+    g2 = ops.mul(g, g, out=g if g_owned else None)
+    v = ops.lerp(b["exp_avg_sq"], g2, 1 - beta2, inplace=inplace)
+    new_b = {"exp_avg_sq": v}
+    second = v
+    if amsgrad:
+        second = new_b["max_exp_avg_sq"] = ops.maximum(b["max_exp_avg_sq"], v, inplace=inplace)
+    return second, new_b, g2
+
+
+def adam_denominator(ops, second, scratch, hp, step):
+    """``sqrt(second)/sqrt(1 − β2^t) + ε`` (EPS_OUT), written into ``scratch`` (an owned
+    temporary of the same shapes, e.g. the ``g²`` of :func:`second_moment`) where
+    :meth:`ListOps.writes_out` holds: no new memory. (Three passes: a single
+    ``addcdiv(ε, x, c)`` would replace the last two, but with two 0-d operands torch's CPU
+    kernel leaves its vectorised loop and is slower than both.)"""
+    denom = ops.sqrt(second, out=scratch)
     denom = ops.div(denom, torch.sqrt(1 - hp["beta2"] ** step), inplace=True)
-    denom = ops.add(denom, hp["eps"], inplace=True)
+    return ops.add(denom, hp["eps"], inplace=True)
+
+
+def adaptive_step(ops, p, numer, denom, hp, scale, *, decay, inplace):
+    """The Adam-family tail shared by AdamW, NAdamW, Cautious AdamW and MARS:
+    ``p ← p·(1 − η·λ) + scale·numer/denom``, with ``denom`` from :func:`adam_denominator` (an
+    owned temporary, overwritten) and ``scale`` a 0-d tensor or a list of per-leaf 0-d tensors
+    (``−η/bc1`` for AdamW). ``numer`` is only read."""
+    lr = hp["lr"]
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
         inplace = True

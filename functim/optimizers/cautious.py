@@ -25,7 +25,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
-from .adamw import adaptive_step
+from .adamw import adam_denominator, adaptive_step, second_moment
 from .lion import decay_then_step
 
 NORMALIZATIONS = ("mean", "paper", "eps")
@@ -34,7 +34,17 @@ LION_EPS = 1e-8
 
 def cautious_mask(ops, direction, g, normalization, eps):
     """``φ̃``: the normalised per-tensor mask of where ``direction`` agrees in sign with ``g``."""
-    mask = ops.clamp_min(ops.sign(ops.mul(direction, g)), 0.0, inplace=True)  # 1 where > 0
+    mask, scale = mask_and_scale(ops, direction, g, normalization, eps)
+    return ops.div(mask, scale, inplace=True)
+
+
+def mask_and_scale(ops, direction, g, normalization, eps, *, owned=False):
+    """``(φ, s)``: the mask ``φ = 1[direction ⊙ g > 0]`` (NaN where the product is NaN) and the
+    per-tensor normalisation ``s`` (a list of 0-d tensors), ``φ̃ = φ/s``. The kernels fold ``1/s``
+    into their step's scale instead of a pass over ``φ``. ``owned``: ``direction`` is a
+    temporary that may be overwritten with ``φ``."""
+    mask = ops.mul(direction, g, out=direction if owned else None)
+    mask = ops.clamp_min(ops.sign(mask, inplace=True), 0.0, inplace=True)  # 1 where > 0
     counts = ops.norm(mask, 1.0)  # Σφ per tensor
     n = [float(x.numel()) for x in mask]
     if normalization == "mean":
@@ -43,23 +53,33 @@ def cautious_mask(ops, direction, g, normalization, eps):
         scale = [(c + 1) / k for c, k in zip(counts, n)]
     else:
         scale = [c / k + eps for c, k in zip(counts, n)]
-    return ops.div(mask, scale, inplace=True)
+    return mask, scale
 
 
 def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
     lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
     m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
-    v = ops.lerp(b["exp_avg_sq"], ops.mul(g, g), 1 - beta2, inplace=inplace)
-    masked = ops.mul(cautious_mask(ops, m, g, normalization, hp["eps"]), m, inplace=True)
-    p = adaptive_step(ops, p, masked, v, hp, -lr / (1 - beta1**step), step, decay=decay,
-                      inplace=inplace)
-    return p, {"exp_avg": m, "exp_avg_sq": v}
+    # the mask needs its per-tensor count before any leaf steps, so m ⊙ φ gets its own
+    # temporary; the denominator reuses the g² one
+    mask, scale = mask_and_scale(ops, m, g, normalization, hp["eps"])
+    masked = ops.mul(mask, m, inplace=True)
+    v, new_b, denom = second_moment(ops, g, b, beta2, inplace=inplace)
+    denom = adam_denominator(ops, v, denom, hp, step)
+    # the normalisation φ/s folds into the step's scale: −η/(bc1·s) per leaf
+    step_scale = -lr / (1 - beta1**step)
+    p = adaptive_step(ops, p, masked, denom, hp, [step_scale / s for s in scale],
+                      decay=decay, inplace=inplace)
+    return p, {"exp_avg": m, **new_b}
 
 
 def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
     u = ops.sign(ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), inplace=True)
-    update = ops.mul(cautious_mask(ops, u, g, normalization, LION_EPS), u, inplace=True)
-    p = decay_then_step(ops, p, update, hp, decay=decay, inplace=inplace)
+    # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow), and where φ = 1, u = sign(g), so
+    # u ⊙ φ = copysign(φ, g) without keeping u
+    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, owned=True)
+    update = ops.copysign(mask, g, inplace=True)
+    p = decay_then_step(ops, p, update, hp, decay=decay, inplace=inplace,
+                        scale=[1 / s for s in scale])
     m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
     return p, {"exp_avg": m}
 

@@ -23,13 +23,15 @@ from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
 
 
-def decay_then_step(ops, p, signs, hp, *, decay, inplace):
-    """``p·(1 − η·λ) − η·signs``; ``signs`` is an owned temporary (overwritten)."""
+def decay_then_step(ops, p, signs, hp, *, decay, inplace, scale=None):
+    """``p·(1 − η·λ) − η·scale·signs`` (``scale``: None = 1, or a list of per-leaf 0-d tensors),
+    the step in one pass (``addcmul``). ``signs`` is an owned temporary; it is only read."""
     lr = hp["lr"]
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
         inplace = True
-    return ops.add(p, ops.mul(signs, -lr, inplace=True), inplace=inplace)
+    step = -lr if scale is None else [-lr * s for s in scale]
+    return ops.add_scaled(p, signs, step, inplace=inplace)
 
 
 def _lion_kernel(ops, p, g, b, hp, step, *, decay, inplace):

@@ -72,6 +72,7 @@ from ..hyperparams import (
 from ..kernels import foreach_copy_
 from ..schedules import Schedule
 from .adamw import _adamw_kernel
+from .lion import decay_then_step
 
 MARS_TYPES = ("mars-adamw", "mars-lion")
 CLIPS = ("per_tensor",)
@@ -95,19 +96,15 @@ def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad):
     # per-tensor unit-norm clip without a host sync: c / max(1, ‖c‖)
     norms = ops.clamp_min(ops.norm(c), 1.0, inplace=True)
     c = ops.div(c, norms, inplace=True)
+    # c is an owned temporary: the kernels below reuse it as their scratch
     if mars_type == "mars-adamw":
         bufs = {k: b[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in b}
         return _adamw_kernel(ops, p, c, bufs, hp, step, decay=decay, inplace=inplace,
-                             amsgrad=amsgrad, maximize=False)
+                             amsgrad=amsgrad, maximize=False, g_owned=True)
     # mars-lion: sign of the EMA itself (one β)
-    lr = hp["lr"]
     m = ops.lerp(b["exp_avg"], c, 1 - beta1, inplace=inplace)
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
-    u = ops.mul(ops.sign(m), -lr, inplace=True)
-    p = ops.add(p, u, inplace=inplace)
-    return p, {"exp_avg": m}
+    u = ops.sign(m, out=c)
+    return decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace), {"exp_avg": m}
 
 
 def _adamw_branch(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, lr_init):

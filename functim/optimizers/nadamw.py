@@ -31,7 +31,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
-from .adamw import adaptive_step
+from .adamw import adam_denominator, adaptive_step, second_moment
 
 VARIANTS = ("optax", "torch", "timm")
 
@@ -60,11 +60,23 @@ def _torch_schedule(hp, step, scalars):
 def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
     lr = hp["lr"]
     m = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"], inplace=inplace)
-    v = ops.lerp(b["exp_avg_sq"], ops.mul(g, g), 1 - hp["beta2"], inplace=inplace)
+    v, new_b, denom = second_moment(ops, g, b, hp["beta2"], inplace=inplace)
+    denom = adam_denominator(ops, v, denom, hp, step)
     coef_g, coef_m = _coefficients(hp, step, variant)
-    numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
-    p = adaptive_step(ops, p, numer, v, hp, -lr, step, decay=decay, inplace=inplace)
-    return p, {"exp_avg": m, "exp_avg_sq": v}
+    if ops.per_tensor:
+        numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
+        p = adaptive_step(ops, p, numer, denom, hp, -lr, decay=decay, inplace=inplace)
+        return p, {"exp_avg": m, **new_b}
+    # no temporary for a·g + b·m: two steps through the one denominator,
+    # p ← p·(1 − η·λ) + g/(denom/(−η·a)) + m/(denom/(−η·b))
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    denom = ops.div(denom, -lr * coef_g, inplace=True)
+    p = ops.addcdiv(p, g, denom, inplace=inplace)
+    denom = ops.mul(denom, coef_g / coef_m, inplace=True)
+    p = ops.addcdiv(p, m, denom, inplace=True)
+    return p, {"exp_avg": m, **new_b}
 
 
 def nadamw(

@@ -101,20 +101,19 @@ def _schedule_free_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace):
     resolved hyperparameters plus this update's ``gamma`` and ``ckp1`` (= c); ``step`` = k+1."""
     beta1, beta2, gamma, ckp1 = hp["beta1"], hp["beta2"], hp["gamma"], hp["ckp1"]
     bc2 = 1 - beta2**step
-    g2 = ops.mul(g, g)
-    v = ops.lerp(b["exp_avg_sq"], g2, 1 - beta2, inplace=inplace)
-    del g2
-    denom = ops.div(v, bc2)
-    denom = ops.sqrt(denom, inplace=True)
-    denom = ops.add(denom, hp["eps"], inplace=True)
-    if decay:  # d = λ·y + g/denom: weight decay evaluated at y (before y moves)
-        d = ops.addcdiv(ops.mul(p, hp["weight_decay"]), g, denom, inplace=True)
-    else:
-        d = ops.div(g, denom)
-    del denom
+    # one temporary (g², then the denominator, then d), reused in place where
+    # ListOps.writes_out holds
+    t = ops.mul(g, g)
+    v = ops.lerp(b["exp_avg_sq"], t, 1 - beta2, inplace=inplace)
+    t = ops.div(v, bc2, out=t)
+    t = ops.sqrt(t, inplace=True)
+    t = ops.add(t, hp["eps"], inplace=True)
+    d = ops.div(g, t, out=t)
+    if decay:  # d = g/denom + λ·y: weight decay evaluated at y (before y moves)
+        d = ops.add_scaled(d, p, hp["weight_decay"], inplace=True)
     y = ops.lerp(p, b["z"], ckp1, inplace=inplace)  # the old z
-    y = ops.add(y, ops.mul(d, gamma * (beta1 * (1 - ckp1) - 1)), inplace=True)
-    z = ops.add(b["z"], ops.mul(d, -gamma, inplace=True), inplace=inplace)
+    y = ops.add_scaled(y, d, gamma * (beta1 * (1 - ckp1) - 1), inplace=True)
+    z = ops.add_scaled(b["z"], d, -gamma, inplace=inplace)
     return y, {"z": z, "exp_avg_sq": v}
 
 
@@ -130,7 +129,10 @@ def _interpolate(ys: list, zs: list, weight: torch.Tensor, *, inplace: bool) -> 
     ops = ListOps(per_tensor=needs_per_tensor(yl, zl, scalars=[weight]))
     for (_, zdtype), (sub_z, sub_y), sub in group_by_device_and_dtype([zl, yl]):
         work = [y if y.dtype == zdtype else y.to(zdtype) for y in sub_y]
-        new = ops.lerp(work, sub_z, weight, inplace=inplace)
+        # a weight past the state dtype's range (1 − 1/β1 for a tiny β1) would become ±inf and
+        # make x = y + w·(z − y) NaN where z = y; its largest finite value keeps x = y there
+        big = torch.finfo(zdtype).max
+        new = ops.lerp(work, sub_z, weight.clamp(-big, big), inplace=inplace)
         for j, y, w in zip(sub, sub_y, new):
             if w.dtype != y.dtype:
                 w = y.copy_(w) if inplace else w.to(y.dtype)
