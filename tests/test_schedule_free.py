@@ -256,6 +256,16 @@ def test_first_step_has_no_averaging(params, hp, seed):
         assert_trees_equal(schedule_free_eval_params(y, state), y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_first_step_eval_params_with_a_tiny_beta1_is_finite(dtype):
+    """Hypothesis found β1 = 8e-120: the x-from-y weight 1 − 1/β1 overflows float32 to −inf and
+    x = y + w·(z − y) became NaN where z = y; at step 1 x must equal y."""
+    params = {"w": torch.randn(4, dtype=dtype)}
+    opt = schedule_free_adamw(betas=(8e-120, 0.999))
+    y, state = opt.update(params, grad_sequence(params, 0, n=1)[0], opt.init_state(params))
+    assert_trees_equal(schedule_free_eval_params(y, state), y)
+
+
 def test_zero_lr_gives_zero_average_weight_and_no_motion():
     """γ = 0 makes w = W = 0, so c = 0 (the reference's ZeroDivisionError branch), without NaNs."""
     params = {"w": torch.randn(3, dtype=F64)}
