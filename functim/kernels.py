@@ -242,12 +242,25 @@ class ListOps:
 
     def add(self, xs: TensorList, other, *, inplace: bool = False, out=None) -> TensorList:
         """``x + other`` (``other``: list, float, or 0-d tensor)."""
+        if isinstance(other, torch.Tensor) and not self.per_tensor:
+            # as a list: dynamo traces _foreach_add(xs, 0-d tensor) through .item(), a host
+            # read (a device sync on CUDA) in every compiled step
+            other = [other] * len(xs)
         return self._run("add", xs, other, inplace=inplace, out=out)
 
     def lerp(self, xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False,
              out=None):
         """``x + weight·(y - x)``; a tensor weight is broadcast to every leaf."""
         if isinstance(weight, torch.Tensor) and not self.per_tensor and xs:
+            if torch.compiler.is_compiling():
+                # inductor has no lowering for _foreach_lerp with tensor weights (it would call
+                # the eager kernel into new memory); per tensor, lerp fuses with its neighbours
+                w = weight.to(xs[0].dtype)
+                if inplace:
+                    for x, y in zip(xs, ys):
+                        x.lerp_(y, w)
+                    return xs
+                return [torch.lerp(x, y, w) for x, y in zip(xs, ys)]
             weight = [weight.to(xs[0].dtype)] * len(xs)
         return self._run("lerp", xs, ys, weight, inplace=inplace, out=out)
 
@@ -329,7 +342,9 @@ class ListOps:
         ulps of the float64 one."""
         if not xs:
             return []
-        if self.per_tensor:
+        if self.per_tensor or torch.compiler.is_compiling():
+            # (compiled: inductor has no lowering for _foreach_norm; per tensor, it fuses the
+            # float64 cast into each reduction)
             out = [torch.linalg.vector_norm(x, ord, dtype=torch.float64) for x in xs]
         elif _chunked_norm_applies(xs, ord):
             out = _chunked_norm(xs, ord)

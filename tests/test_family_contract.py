@@ -7,6 +7,7 @@ import io
 import optree
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
 import functim as ft
@@ -110,7 +111,13 @@ def test_compiled_update_matches_eager_without_recompiling(name):
     opt = FUNCTIONAL[name]()
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(opt.update, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(opt.update, fullgraph=True, backend=aot_autograd(fw_compiler=record))
     params = _params(torch.float32)
     state = opt.init_state(params)
     p_c, s_c = compiled(params, _grads(0, torch.float32), state)
@@ -126,6 +133,12 @@ def test_compiled_update_matches_eager_without_recompiling(name):
     assert counters["stats"]["unique_graphs"] == 1
     for k in params:
         torch.testing.assert_close(p_c[k], p_e[k], rtol=1e-6, atol=1e-7)
+    # nothing in the traced step reads a tensor on the host (a device sync on CUDA, e.g. a 0-d
+    # tensor hyperparameter passed where torch wants a Scalar), and no op that inductor cannot
+    # lower (it would run the eager kernel into fresh memory instead of fusing)
+    code = "\n".join(gm.code for gm in graphs)
+    for op in ("_local_scalar_dense", "_foreach_norm", "_foreach_lerp"):
+        assert op not in code, f"{name}: the compiled step calls aten.{op}"
 
 
 def _model():
