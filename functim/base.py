@@ -100,6 +100,35 @@ def state_device(leaves: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
+def check_dtype_options(owner: str, **dtypes: Any) -> None:
+    """Each dtype option (``state_dtype=...``, ``precond_dtype=...``) is None or a floating
+    ``torch.dtype``; a TypeError names the option otherwise."""
+    for option, dt in dtypes.items():
+        if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            raise TypeError(f"{owner}: {option} must be a floating torch.dtype or None, "
+                            f"got {dt!r}")
+
+
+def check_param_leaves(owner: str, params: PyTree,
+                       state_dtype: torch.dtype | None = None) -> tuple[list, Any]:
+    """``_tree.flatten(params)`` after checking that every leaf is a floating tensor or None and,
+    with ``state_dtype``, that the state dtype can hold every param (the update is computed in
+    it, so it must be at least as precise)."""
+    leaves, spec = _tree.flatten(params)
+    for path, x in zip(_tree.paths(params), leaves):
+        if x is None:
+            continue
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            raise TypeError(f"{owner}: parameter {path!r} must be a floating-point tensor or "
+                            f"None, got {_tree.describe_leaf(x)}")
+        if state_dtype is not None and torch.promote_types(x.dtype, state_dtype) != state_dtype:
+            raise TypeError(
+                f"{owner}: state_dtype={state_dtype} cannot hold the {x.dtype} parameter "
+                f"{path!r}: the update is computed in the state dtype, so it must be at least "
+                "as precise as every parameter")
+    return leaves, spec
+
+
 def check_state_keys(owner: str, state: Any, expected: Sequence[str],
                      hyperparams: Sequence[str] | None = None) -> None:
     """The state's top-level keys are ``expected`` (and, when ``hyperparams`` is given,
@@ -205,11 +234,7 @@ class ElementwiseOptimizer(Optimizer):
         self.name = name
         for k, v in hyperparams.items():
             check_hyperparam(name, k, v, ranges[k])
-        if state_dtype is not None and not (
-            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
-        ):
-            raise TypeError(f"{name}: state_dtype must be a floating torch.dtype, "
-                            f"got {state_dtype!r}")
+        check_dtype_options(name, state_dtype=state_dtype)
         if weight_decay_mask is not None and "weight_decay" not in hyperparams:
             raise ValueError(f"{name}: weight_decay_mask given but {name} has no weight decay")
         self.hyperparams = dict(hyperparams)
@@ -241,17 +266,8 @@ class ElementwiseOptimizer(Optimizer):
         return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
 
     def init_state(self, params: PyTree) -> State:
-        leaves, _ = _tree.flatten(params)
-        for path, x in zip(_tree.paths(params), leaves):
-            if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-                raise TypeError(f"{self.name}: parameter {path!r} must be a floating-point tensor "
-                                f"or None, got {_tree.describe_leaf(x)}")
-            if x is not None and self.buffer_names and self.state_dtype is not None and \
-                    torch.promote_types(x.dtype, self.state_dtype) != self.state_dtype:
-                raise TypeError(
-                    f"{self.name}: state_dtype={self.state_dtype} cannot hold the {x.dtype} "
-                    f"parameter {path!r}: the update is computed in the state dtype, so it must "
-                    "be at least as precise as every parameter")
+        leaves, _ = check_param_leaves(self.name, params,
+                                       self.state_dtype if self.buffer_names else None)
         device = state_device(leaves)
         state: State = {
             "step": torch.zeros((), dtype=torch.int32, device=device),

@@ -21,6 +21,7 @@ from ..base import (
     Optimizer,
     State,
     buffer_leaves,
+    check_dtype_options,
     check_state_keys,
     state_device,
 )
@@ -107,10 +108,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         if unknown:
             raise ValueError(f"{self.name}: routing names labels {unknown}; the labels are "
                              f"{list(self.labels)}")
-        if state_dtype is not None and not (
-                isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
-            raise TypeError(f"{self.name}: state_dtype must be a floating torch.dtype, "
-                            f"got {state_dtype!r}")
+        check_dtype_options(self.name, state_dtype=state_dtype)
         if matrix_dims is not None and not (callable(matrix_dims)
                                             or isinstance(matrix_dims, Mapping)):
             matrix_dims_for(self.name, matrix_dims, "", torch.empty(0))  # raises TypeError

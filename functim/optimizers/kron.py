@@ -94,7 +94,14 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import _tree
-from ..base import LOW_PRECISION, Optimizer, check_state_keys, state_device
+from ..base import (
+    LOW_PRECISION,
+    Optimizer,
+    check_dtype_options,
+    check_param_leaves,
+    check_state_keys,
+    state_device,
+)
 from ..hyperparams import (
     BETA,
     HPARAMS_KEY,
@@ -244,10 +251,7 @@ class Kron(Optimizer):
             check_hyperparam(self.name, "precond_init_scale", precond_init_scale,
                              Range(0.0, low_open=True))
             precond_init_scale = float(precond_init_scale)
-        for name, dt in (("mu_dtype", mu_dtype), ("precond_dtype", precond_dtype)):
-            if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-                raise TypeError(f"{self.name}: {name} must be a floating torch.dtype or None, "
-                                f"got {dt!r}")
+        check_dtype_options(self.name, mu_dtype=mu_dtype, precond_dtype=precond_dtype)
         if precond_dtype is not None and precond_dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{self.name}: precond_dtype must be torch.float32 or torch.float64 "
                             f"(triangular solves need them), got {precond_dtype}")
@@ -315,11 +319,7 @@ class Kron(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(self, params: Any) -> dict:
-        leaves, _ = _tree.flatten(params)
-        for path, x in zip(_tree.paths(params), leaves):
-            if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-                raise TypeError(f"{self.name}: parameter {path!r} must be a floating-point tensor "
-                                f"or None, got {_tree.describe_leaf(x)}")
+        leaves, _ = check_param_leaves(self.name, params)
         device = state_device(leaves)
         gen_device = device if device.type not in ("meta",) else torch.device("cpu")
         gen = torch.Generator(device=gen_device)

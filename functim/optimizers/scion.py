@@ -25,7 +25,7 @@ unless the optimizer was built with ``momentum=1``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,17 @@ class Sign:
         return torch.sign(m) * factor
 
 
+def _divide_vectors(m: torch.Tensor, divisor: Callable[[torch.Tensor], torch.Tensor],
+                    transpose: bool, scale: float) -> torch.Tensor:
+    """``scale · m / (divisor(m) + 1e-8)``, on ``mᵀ`` (transposed back) when ``transpose``:
+    the shared body of ColNorm and RowNorm."""
+    if transpose:
+        m = m.mT
+    out = m / (divisor(m) + LMO_EPS)
+    out = out.mT if transpose else out
+    return out * scale if scale != 1.0 else out
+
+
 @dataclass(frozen=True)
 class ColNorm:
     """Each column divided by its RMS (``‖g_{:,j}‖/sqrt(d_out)``, times ``d_in`` when
@@ -87,14 +98,11 @@ class ColNorm:
     matrix = True
 
     def lmo(self, m: torch.Tensor) -> torch.Tensor:
-        if self.transpose:
-            m = m.mT
-        rms = torch.linalg.vector_norm(m, dim=-2, keepdim=True) / m.size(-2) ** 0.5
-        if self.normalized:
-            rms = rms * m.size(-1)
-        out = m / (rms + LMO_EPS)
-        out = out.mT if self.transpose else out
-        return out * self.scale if self.scale != 1.0 else out
+        def col_rms(x):
+            rms = torch.linalg.vector_norm(x, dim=-2, keepdim=True) / x.size(-2) ** 0.5
+            return rms * x.size(-1) if self.normalized else rms
+
+        return _divide_vectors(m, col_rms, self.transpose, self.scale)
 
 
 @dataclass(frozen=True)
@@ -108,14 +116,11 @@ class RowNorm:
     matrix = True
 
     def lmo(self, m: torch.Tensor) -> torch.Tensor:
-        if self.transpose:
-            m = m.mT
-        norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
-        if self.normalized:
-            norm = norm * m.size(-1) ** 0.5
-        out = m / (norm + LMO_EPS)
-        out = out.mT if self.transpose else out
-        return out * self.scale if self.scale != 1.0 else out
+        def row_norm(x):
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return norm * x.size(-1) ** 0.5 if self.normalized else norm
+
+        return _divide_vectors(m, row_norm, self.transpose, self.scale)
 
 
 @dataclass(frozen=True)

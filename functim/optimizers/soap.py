@@ -106,6 +106,8 @@ from ..base import (
     State,
     buffer_leaves,
     cached_decay_flags,
+    check_dtype_options,
+    check_param_leaves,
     check_state_keys,
     state_device,
 )
@@ -242,15 +244,7 @@ class SoapOptimizer(Optimizer):
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self, params: Any) -> State:
-        leaves, spec = _tree.flatten(params)
-        for path, x in zip(_tree.paths(params), leaves):
-            if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-                raise TypeError(f"soap: parameter {path!r} must be a floating-point tensor or "
-                                f"None, got {_tree.describe_leaf(x)}")
-            if x is not None and self.state_dtype is not None and \
-                    torch.promote_types(x.dtype, self.state_dtype) != self.state_dtype:
-                raise TypeError(f"soap: state_dtype={self.state_dtype} cannot hold the {x.dtype} "
-                                f"parameter {path!r}")
+        leaves, spec = check_param_leaves("soap", params, self.state_dtype)
         device = state_device(leaves)
 
         def zeros(x):  # zeros_like: a DTensor param (FSDP2 shard) gets a DTensor moment
@@ -694,9 +688,7 @@ def soap(
             raise ValueError(f"soap: {name!r} must be >= {low}, got {value}")
     if data_format not in DATA_FORMATS:
         raise ValueError(f"soap: data_format must be one of {DATA_FORMATS}, got {data_format!r}")
-    for name, dt in (("precond_dtype", precond_dtype), ("state_dtype", state_dtype)):
-        if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-            raise TypeError(f"soap: {name} must be a floating torch.dtype or None, got {dt!r}")
+    check_dtype_options("soap", precond_dtype=precond_dtype, state_dtype=state_dtype)
     if precond_dtype in LOW_PRECISION:
         raise ValueError(f"soap: precond_dtype={precond_dtype} is not supported (torch's eigh "
                          "and QR need float32 or float64)")
