@@ -33,8 +33,11 @@ from .hyperparams import (
 )
 from .kernels import (
     ListOps,
+    foreach_copy_,
     group_by_device_and_dtype,
     needs_per_tensor,
+    tile_views,
+    tiling_applies,
     under_torch_func,
 )
 
@@ -184,6 +187,14 @@ def decay_flags(mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
     return [bool(f) for f in flags]
 
 
+def _store(dst: list, src: list) -> None:
+    """Write ``src`` into ``dst`` where a kernel returned other tensors than the ones it was
+    given to update in place (e.g. widened copies of bfloat16 params)."""
+    pairs = [(d, s) for d, s in zip(dst, src) if s is not d]
+    if pairs:
+        foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
 class ElementwiseOptimizer(Optimizer):
     """An optimizer whose maths is one elementwise kernel over lists of leaves.
 
@@ -206,6 +217,11 @@ class ElementwiseOptimizer(Optimizer):
     0-d float64 tensors next to ``step``; ``prepare(hp, step, scalars) -> (extra_hp,
     new_scalars)`` runs once per update before the kernel (e.g. torch NAdam's ``mu_product``),
     and ``extra_hp`` is merged into the kernel's ``hp``.
+
+    ``tileable``: the kernel is purely elementwise (every output element depends only on the same
+    element of its inputs and on scalars: no per-tensor reduction, no use of shapes). Then a
+    donated update on the CPU runs it tile by tile (:func:`functim.kernels.tile_views`), with the
+    same result, so that its passes over memory hit the cache.
 
     One ``step`` counts the updates of the whole tree (optax's convention), so a leaf whose grad
     was ``None`` on some steps gets the tree's bias correction; the torch.optim adapter keeps
@@ -230,8 +246,10 @@ class ElementwiseOptimizer(Optimizer):
         prepare: Callable | None = None,
         decay_hyperparams: Sequence[str] = ("weight_decay",),
         options: Mapping[str, Any] | None = None,
+        tileable: bool = False,
     ):
         self.name = name
+        self.tileable = tileable
         for k, v in hyperparams.items():
             check_hyperparam(name, k, v, ranges[k])
         check_dtype_options(name, state_dtype=state_dtype)
@@ -405,6 +423,9 @@ class ElementwiseOptimizer(Optimizer):
         if step.device != device:
             step = step.to(device)
         mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
+        if (donate and fused_hp is None and self.tileable
+                and tiling_applies(ops, [p, g, *b.values()])):
+            return self._run_tiled(ops, p, g, b, hp, step, work_dtype, decay)
         pw = [x.to(work_dtype) for x in p] if mixed else p
         gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in g]
         if (fused_hp is not None and not ops.per_tensor and self.fused_kernel is not None
@@ -419,3 +440,17 @@ class ElementwiseOptimizer(Optimizer):
         if mixed:
             out_p = ops.write_back(p, out_p, donate=donate)
         return out_p, out_b
+
+    def _run_tiled(self, ops, p, g, b, hp, step, work_dtype, decay):
+        """The donated kernel, tile by tile (see ``tileable``); params and buffers are updated
+        in place, and a bfloat16 param is widened and rounded back one tile at a time."""
+        names = list(b)
+        for tp, tg, *tb in tile_views([p, g, *b.values()]):
+            pw = [x.to(work_dtype) for x in tp] if tp[0].dtype != work_dtype else tp
+            gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in tg]
+            bufs = dict(zip(names, tb))
+            out_p, out_b = self.kernel(ops, pw, gw, bufs, hp, step, decay=decay, inplace=True)
+            _store(tp, out_p)
+            for n in names:
+                _store(bufs[n], out_b[n])
+        return p, b

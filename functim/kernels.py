@@ -114,7 +114,41 @@ def _cast_scalars(a, dtype):
         return a.to(dtype) if a.dtype != dtype else a
     if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].ndim == 0 \
             and a[0].dtype != dtype:
+        if all(t is a[0] for t in a):  # one scalar broadcast to every leaf: cast it once
+            return [a[0].to(dtype)] * len(a)
         return [t.to(dtype) for t in a]
+    return a
+
+
+@torch.library.custom_op("functim::materialize", mutates_args=())
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x``. To inductor an opaque op, so its input and output are real buffers."""
+    return x.clone()
+
+
+@_materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_materialize.register_autograd(lambda ctx, grad: grad)
+
+
+def compiled_scalars(a):
+    """Under ``torch.compile``: a 0-d tensor scalar (or a list of per-leaf 0-d scalars) computed
+    once per step into a buffer that the fused elementwise kernel only loads. Inductor otherwise
+    inlines a scalar's whole expression (``−η/(1 − β1^t)``: a ``pow`` and a division in float64)
+    into the kernel's inner loop, where it is evaluated again for every vector of elements; for
+    AdamW that recomputation cost more than the memory traffic. Eager: ``a`` unchanged."""
+    if not torch.compiler.is_compiling():
+        return a
+    if isinstance(a, torch.Tensor) and a.ndim == 0:
+        return _materialize(a)
+    if isinstance(a, list) and a and all(isinstance(t, torch.Tensor) and t.ndim == 0
+                                          for t in a):
+        if all(t is a[0] for t in a):
+            return [_materialize(a[0])] * len(a)
+        return list(_materialize(torch.stack(a)).unbind())
     return a
 
 
@@ -191,7 +225,7 @@ class ListOps:
             fn = getattr(torch, name)
             return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
         if inplace or out is xs:
-            getattr(torch, f"_foreach_{name}_")(xs, *args)
+            getattr(torch, f"_foreach_{name}_")(xs, *map(compiled_scalars, args))
             return xs
         if out is not None and self.writes_out(xs):
             fn = getattr(torch, name)
@@ -204,7 +238,7 @@ class ListOps:
             xs = [x.clone() for x in xs]
             getattr(torch, f"_foreach_{name}_")(xs, *args)
             return xs
-        return list(getattr(torch, f"_foreach_{name}")(xs, *args))
+        return list(getattr(torch, f"_foreach_{name}")(xs, *map(compiled_scalars, args)))
 
     def writes_out(self, xs: TensorList) -> bool:
         """Whether an op given ``out=`` writes its result into those tensors (else it returns a
@@ -255,7 +289,7 @@ class ListOps:
             if torch.compiler.is_compiling():
                 # inductor has no lowering for _foreach_lerp with tensor weights (it would call
                 # the eager kernel into new memory); per tensor, lerp fuses with its neighbours
-                w = weight.to(xs[0].dtype)
+                w = compiled_scalars(weight.to(xs[0].dtype))
                 if inplace:
                     for x, y in zip(xs, ys):
                         x.lerp_(y, w)
@@ -363,6 +397,56 @@ class ListOps:
 
     def copy(self, xs: TensorList) -> TensorList:
         return [x.clone() for x in xs]
+
+
+# elements per tile of a tiled step (see tile_views): 1 MiB of float32 per tensor, so a tile's
+# params, grads, state and temporaries stay in the CPU's caches between the kernel's passes
+TILE_NUMEL = 1 << 18
+
+
+def tiling_applies(ops: ListOps, lists: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Whether an elementwise kernel may run tile by tile over ``lists`` (see
+    :func:`tile_views`): eager, on the multi-tensor path, plain contiguous CPU tensors, and more
+    than one tile's worth of elements (else tiling changes nothing)."""
+    if ops.per_tensor or torch.compiler.is_compiling() or not lists or not lists[0]:
+        return False
+    first = lists[0]
+    if first[0].device.type != "cpu" or sum(x.numel() for x in first) <= TILE_NUMEL:
+        return False
+    plain = (torch.Tensor, torch.nn.Parameter)  # (not DTensors or other subclasses)
+    return all(type(x) in plain and x.is_contiguous() for lst in lists for x in lst)
+
+
+def tile_views(lists: Sequence[Sequence[torch.Tensor]],
+               tile_numel: int | None = None) -> list[list[list[torch.Tensor]]]:
+    """Cut parallel lists of contiguous leaves (leaf ``i`` of every list has the same number of
+    elements) into tiles of at most ``tile_numel`` elements: each leaf's flat view is split into
+    chunks, and consecutive chunks are packed into tiles. Returns ``[tile][list][chunk view]``.
+
+    An elementwise kernel run tile by tile computes exactly what it computes on the whole leaves
+    (every element sees the same ops in the same order), but each of its passes reads and writes
+    memory the previous pass just touched, in cache, and its temporaries are tile-sized blocks the
+    allocator reuses, not fresh param-sized memory (which costs a page fault per page on the CPU).
+    """
+    tile_numel = tile_numel or TILE_NUMEL
+    tiles: list[list[list[torch.Tensor]]] = []
+    current: list[list[torch.Tensor]] = [[] for _ in lists]
+    size = 0
+    for i in range(len(lists[0])):
+        flat = [lst[i].view(-1) for lst in lists]
+        n = flat[0].numel()
+        pieces = [f.split(tile_numel) for f in flat] if n > tile_numel else [(f,) for f in flat]
+        for k in range(len(pieces[0])):
+            k_numel = pieces[0][k].numel()
+            if size and size + k_numel > tile_numel:
+                tiles.append(current)
+                current, size = [[] for _ in lists], 0
+            for views, chunks in zip(current, pieces):
+                views.append(chunks[k])
+            size += k_numel
+    if size or current[0]:
+        tiles.append(current)
+    return tiles
 
 
 def group_by_device_and_dtype(

@@ -139,6 +139,10 @@ def test_compiled_update_matches_eager_without_recompiling(name):
     code = "\n".join(gm.code for gm in graphs)
     for op in ("_local_scalar_dense", "_foreach_norm", "_foreach_lerp"):
         assert op not in code, f"{name}: the compiled step calls aten.{op}"
+    # the multi-tensor kernels' scalar coefficients are computed once per step, into buffers
+    # (functim.kernels.compiled_scalars), not inlined into every element's arithmetic
+    if any(isinstance(o, ft.ElementwiseOptimizer) for o in (opt, getattr(opt, "_engine", None))):
+        assert "functim.materialize" in code, f"{name}: scalars are not materialised"
 
 
 def _model():

@@ -212,3 +212,110 @@ def test_chunked_norm_only_where_it_applies():
     assert not kernels._chunked_norm_applies([torch.ones(10)] * 4, 2.0)  # small leaves
     ops = ListOps(per_tensor=False)
     assert float(ops.norm([big.double()[::2]], 2.0)[0]) == float(big.numel() // 2) ** 0.5
+
+
+# -- tiles: a donated CPU step runs an elementwise kernel tile by tile, with the same result ----
+TILEABLE = [n for n in OPTIMIZERS if not n.startswith(("cautious", "mars"))]
+TILE_SHAPES = {"w": (23, 17), "b": (17,), "c": (2, 3, 5), "e": (0,), "s": (), "v": (300,)}
+
+
+@pytest.fixture
+def tile_spy(monkeypatch):
+    """Tiles of 64 elements (so that small test leaves are split and packed), and a record of
+    the tiles each step was cut into."""
+    import functim.base as base
+    monkeypatch.setattr(kernels, "TILE_NUMEL", 64)
+    made = []
+
+    def spy(lists, tile_numel=None):
+        tiles = kernels.tile_views(lists, tile_numel)
+        made.append(tiles)
+        return tiles
+
+    monkeypatch.setattr(base, "tile_views", spy)
+    return made
+
+
+def _run_shapes(opt, dtype, donate, shapes=TILE_SHAPES, seed=0, steps=3, lr_schedule=False):
+    gen = torch.Generator().manual_seed(seed)
+    params = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+    grads = [{k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+             for _ in range(steps)]
+    state = opt.init_state(params)
+    for g in grads:
+        params, state = opt.update(params, g, state, donate=donate)
+    return params, state
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("name", TILEABLE)
+def test_tiled_step_is_bitwise_the_untiled_one(name, dtype, tile_spy, monkeypatch):
+    tiled = _run_shapes(OPTIMIZERS[name](), dtype, donate=True)
+    assert len(tile_spy) == 3 and all(len(tiles) > 1 for tiles in tile_spy), "did not tile"
+    pure = _run_shapes(OPTIMIZERS[name](), dtype, donate=False)
+    monkeypatch.setattr(kernels, "TILE_NUMEL", 1 << 62)
+    untiled = _run_shapes(OPTIMIZERS[name](), dtype, donate=True)
+    assert len(tile_spy) == 3  # (no new tiling)
+    assert_trees_equal(tiled, untiled)
+    assert_trees_equal(tiled, pure)
+
+
+def test_tile_views_cover_every_leaf_once_in_order():
+    leaves = [torch.arange(n, dtype=F32).reshape(-1, 1) if n else torch.zeros(0)
+              for n in (150, 3, 0, 64, 65, 1)]
+    other = [x.clone() + 1000 for x in leaves]
+    tiles = kernels.tile_views([leaves, other], 64)
+    for b in (0, 1):
+        views = [v for tile in tiles for v in tile[b]]
+        assert all(sum(v.numel() for v in tile[b]) <= 64 for tile in tiles)
+        flat = torch.cat(views)
+        expect = torch.cat([x.view(-1) for x in (leaves if b == 0 else other)])
+        assert torch.equal(flat, expect)
+    # views alias the leaves: writing through them writes the leaves
+    for tile in tiles:
+        for v in tile[0]:
+            v.mul_(-1)
+    assert all(bool((x <= 0).all()) for x in leaves)
+    # a leaf larger than a tile is cut at multiples of the tile size from its start
+    assert [v.numel() for v in tiles[0][0]] == [64]
+    assert [v.numel() for v in tiles[2][0]] == [22, 3, 0]
+
+
+def test_tiling_only_where_it_applies(tile_spy):
+    ops = ListOps(per_tensor=False)
+    big = [torch.zeros(100), torch.zeros(50)]
+    assert kernels.tiling_applies(ops, [big, big])
+    assert not kernels.tiling_applies(ListOps(per_tensor=True), [big, big])
+    assert not kernels.tiling_applies(ops, [[torch.zeros(60)]] * 2)  # one tile's worth
+    assert not kernels.tiling_applies(ops, [big, [torch.zeros(100, 2)[:, 0], big[1]]])
+    assert not kernels.tiling_applies(ops, [[torch.zeros(10, 10).t()], [torch.zeros(10, 10)]])
+    # pure steps, kernels with per-tensor reductions, and the per-tensor path do not tile
+    _run_shapes(ft.adamw(fused=False), F32, donate=False)
+    _run_shapes(ft.cautious_adamw(), F32, donate=True)
+    _run_shapes(mars(), F32, donate=True)
+    p = {k: torch.randn(s) for k, s in TILE_SHAPES.items()}
+    opt = ft.lion()
+    torch.func.grad(lambda lr: sum(x.sum() for x in opt.update(
+        p, p, ft.set_hyperparams(opt.init_state(p), lr=lr))[0].values()))(torch.tensor(0.1))
+    assert tile_spy == []
+
+
+def test_adapter_steps_tile_by_tile_like_the_functional_update(tile_spy):
+    from functim import adapters
+
+    gen = torch.Generator().manual_seed(3)
+    params = {k: torch.randn(s, generator=gen) for k, s in TILE_SHAPES.items()}
+    grads = [{k: torch.randn(s, generator=gen) for k, s in TILE_SHAPES.items()}
+             for _ in range(3)]
+    ps = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    adapter = adapters.AdamW(list(ps.values()), lr=1e-2, weight_decay=0.1, fused=False)
+    opt = ft.adamw(lr=1e-2, weight_decay=0.1, fused=False)
+    state = opt.init_state(params)
+    for g in grads:
+        for k, p in ps.items():
+            p.grad = g[k].clone()
+        adapter.step()
+        params, state = opt.update(params, g, state)
+    assert len(tile_spy) == 3 and all(len(t) > 1 for t in tile_spy)
+    for k in params:
+        assert torch.equal(ps[k].detach(), params[k]), k

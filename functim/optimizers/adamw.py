@@ -128,4 +128,5 @@ def adamw(
         weight_decay_mask=weight_decay_mask,
         fused=fused,
         options=flags,
+        tileable=True,
     )

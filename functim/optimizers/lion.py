@@ -70,6 +70,7 @@ def lion(
         kernel=_lion_kernel,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
+        tileable=True,
     )
 
 
@@ -89,6 +90,7 @@ def signsgd(
         kernel=_signsgd_kernel,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
+        tileable=True,
     )
 
 
@@ -110,6 +112,7 @@ def signum(
         kernel=_signum_kernel,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
+        tileable=True,
     )
 
 

@@ -115,4 +115,5 @@ def nadamw(
         scalars={"mu_product": 1.0} if torch_form else None,
         prepare=_torch_schedule if torch_form else None,
         options={"variant": variant},
+        tileable=True,
     )

@@ -172,7 +172,8 @@ class ScheduleFreeOptimizer(Optimizer):
         common = dict(hyperparams=hyperparams, ranges=ranges, state_dtype=state_dtype,
                       weight_decay_mask=weight_decay_mask)
         self._engine = ElementwiseOptimizer(NAME, buffers=BUFFERS,
-                                            kernel=_schedule_free_adamw_kernel, **common)
+                                            kernel=_schedule_free_adamw_kernel, tileable=True,
+                                            **common)
         # the same checks and leaves, without allocating a zero z that init_state would replace
         self._init_engine = ElementwiseOptimizer(NAME, buffers=("exp_avg_sq",), kernel=None,
                                                  **common)

@@ -78,4 +78,5 @@ def sgd(
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         options={"nesterov": nesterov, "maximize": maximize},
+        tileable=True,
     )
