@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,10 +34,13 @@ from .hyperparams import (
 )
 from .kernels import (
     ListOps,
+    chunk_norms,
+    combine_norms,
     foreach_copy_,
     group_by_device_and_dtype,
     needs_per_tensor,
     tile_views,
+    tiled_norms_match,
     tiling_applies,
     under_torch_func,
 )
@@ -223,6 +227,18 @@ class ElementwiseOptimizer(Optimizer):
     donated update on the CPU runs it tile by tile (:func:`functim.kernels.tile_views`), with the
     same result, so that its passes over memory hit the cache.
 
+    ``measure`` (with ``measure_ord``): the kernel is elementwise except for one per-tensor norm
+    that every element's update needs first (Cautious's mask count, MARS's clip norm).
+    ``measure(ops, params, grads, buffers, hp, step)`` returns, per leaf, the values whose norm
+    the kernel takes (or None if this group needs none), modifying nothing, and the kernel
+    accepts ``norms=`` (those per-leaf float64 norms) and ``numels=`` (the leaves' sizes, as
+    floats) instead of taking them from its arguments, which may be chunks of the leaves. A
+    donated CPU update then sweeps the tiles twice: measure, then step, bitwise as untiled.
+
+    ``leaf_kind``: ``(param) -> key``, a static class of leaves that the kernel treats
+    differently (MARS's 2-D and other leaves); the leaves of each kind are stepped together and
+    the kernel receives ``kind=key``.
+
     One ``step`` counts the updates of the whole tree (optax's convention), so a leaf whose grad
     was ``None`` on some steps gets the tree's bias correction; the torch.optim adapter keeps
     torch's per-parameter steps instead.
@@ -247,9 +263,15 @@ class ElementwiseOptimizer(Optimizer):
         decay_hyperparams: Sequence[str] = ("weight_decay",),
         options: Mapping[str, Any] | None = None,
         tileable: bool = False,
+        measure: Callable | None = None,
+        measure_ord: float = 2.0,
+        leaf_kind: Callable | None = None,
     ):
         self.name = name
-        self.tileable = tileable
+        self.tileable = tileable or measure is not None
+        self.measure = measure
+        self.measure_ord = measure_ord
+        self.leaf_kind = leaf_kind
         for k, v in hyperparams.items():
             check_hyperparam(name, k, v, ranges[k])
         check_dtype_options(name, state_dtype=state_dtype)
@@ -404,13 +426,15 @@ class ElementwiseOptimizer(Optimizer):
             buckets: dict[tuple, list[int]] = {}
             for j, k in enumerate(idx):
                 bdt = sub[2][j].dtype if names else self.buffer_dtype(pdtype)
-                buckets.setdefault((bdt, decay[active[k]]), []).append(j)
-            for (bdtype, dec), js in buckets.items():
+                kind = self.leaf_kind(sub[0][j]) if self.leaf_kind else None
+                buckets.setdefault((bdt, decay[active[k]], kind), []).append(j)
+            for (bdtype, dec, kind), js in buckets.items():
                 p = [sub[0][j] for j in js]
                 g = [sub[1][j] for j in js]
                 b = {n: [sub[2 + m][j] for j in js] for m, n in enumerate(names)}
-                out_p, out_b = self._run_group(ops, p, g, b, hp, step, device, bdtype, dec,
-                                               donate, host_hp if fused else None)
+                kernel = (partial(self.kernel, kind=kind) if self.leaf_kind else self.kernel)
+                out_p, out_b = self._run_group(ops, kernel, kind, p, g, b, hp, step, device,
+                                               bdtype, dec, donate, host_hp if fused else None)
                 for j, op_, in zip(js, out_p):
                     new_p[active[idx[j]]] = op_
                 for n in names:
@@ -418,14 +442,16 @@ class ElementwiseOptimizer(Optimizer):
                         new_bufs[n][active[idx[j]]] = t
         return new_p, new_bufs
 
-    def _run_group(self, ops, p, g, b, hp, step, device, work_dtype, decay, donate, fused_hp):
+    def _run_group(self, ops, kernel, kind, p, g, b, hp, step, device, work_dtype, decay,
+                   donate, fused_hp):
         hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
         if step.device != device:
             step = step.to(device)
         mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
         if (donate and fused_hp is None and self.tileable
-                and tiling_applies(ops, [p, g, *b.values()])):
-            return self._run_tiled(ops, p, g, b, hp, step, work_dtype, decay)
+                and tiling_applies(ops, [p, g, *b.values()])
+                and (self.measure is None or tiled_norms_match(p, work_dtype, self.measure_ord))):
+            return self._run_tiled(ops, kernel, kind, p, g, b, hp, step, work_dtype, decay)
         pw = [x.to(work_dtype) for x in p] if mixed else p
         gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in g]
         if (fused_hp is not None and not ops.per_tensor and self.fused_kernel is not None
@@ -436,20 +462,42 @@ class ElementwiseOptimizer(Optimizer):
             self.fused_kernel(pw, gw, b, fused_hp, step, decay=decay)
             out_p, out_b = pw, b
         else:
-            out_p, out_b = self.kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
+            out_p, out_b = kernel(ops, pw, gw, b, hp, step, decay=decay, inplace=donate)
         if mixed:
             out_p = ops.write_back(p, out_p, donate=donate)
         return out_p, out_b
 
-    def _run_tiled(self, ops, p, g, b, hp, step, work_dtype, decay):
-        """The donated kernel, tile by tile (see ``tileable``); params and buffers are updated
-        in place, and a bfloat16 param is widened and rounded back one tile at a time."""
+    def _run_tiled(self, ops, kernel, kind, p, g, b, hp, step, work_dtype, decay):
+        """The donated kernel, tile by tile (see ``tileable`` and ``measure``); params and
+        buffers are updated in place, and a bfloat16 param is widened and rounded back one tile
+        at a time."""
         names = list(b)
-        for tp, tg, *tb in tile_views([p, g, *b.values()]):
+        leaf_ids: list[list[int]] = []
+        tiles = tile_views([p, g, *b.values()], leaf_ids=leaf_ids)
+
+        def widened(tp, tg):
             pw = [x.to(work_dtype) for x in tp] if tp[0].dtype != work_dtype else tp
-            gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in tg]
+            return pw, [x if x.dtype == work_dtype else x.to(work_dtype) for x in tg]
+
+        norms = None
+        if self.measure is not None:  # first sweep: the per-leaf norms, chunk by chunk
+            measure = partial(self.measure, kind=kind) if self.leaf_kind else self.measure
+            partials, owners = [], []
+            for (tp, tg, *tb), ids in zip(tiles, leaf_ids):
+                xs = measure(ops, *widened(tp, tg), dict(zip(names, tb)), hp, step)
+                if xs is None:  # (nothing to measure for this group)
+                    break
+                r, o = chunk_norms(xs, self.measure_ord, ids)
+                partials.append(r)
+                owners.extend(o)
+            else:
+                norms = combine_norms(torch.cat(partials), owners, len(p), self.measure_ord)
+        for (tp, tg, *tb), ids in zip(tiles, leaf_ids):
+            extra = {} if norms is None else {"norms": [norms[i] for i in ids],
+                                              "numels": [float(p[i].numel()) for i in ids]}
             bufs = dict(zip(names, tb))
-            out_p, out_b = self.kernel(ops, pw, gw, bufs, hp, step, decay=decay, inplace=True)
+            out_p, out_b = kernel(ops, *widened(tp, tg), bufs, hp, step, decay=decay,
+                                  inplace=True, **extra)
             _store(tp, out_p)
             for n in names:
                 _store(bufs[n], out_b[n])

@@ -172,32 +172,43 @@ _OUT_MIN_NUMEL = 1 << 16
 _NORM_CHUNK = 1 << 15
 
 
-def _chunked_norm_applies(xs: Sequence[torch.Tensor], ord: float) -> bool:
+def chunked_norm_applies(xs: Sequence[torch.Tensor], ord: float,
+                         dtype: torch.dtype | None = None) -> bool:
+    """Whether :meth:`ListOps.norm` takes the chunked CPU form for ``xs`` (of ``dtype`` if
+    given: the dtype the normed values will have)."""
     if ord not in (1, 2) or is_dtensor(xs[0]) or torch.compiler.is_compiling():
         return False
     if xs[0].device.type != "cpu":  # the float64 copy is a CPU cost; elsewhere one fused kernel
         return False
-    if xs[0].dtype != torch.float32:  # (a bfloat16 chunk norm would round to 8 bits)
+    if (dtype or xs[0].dtype) != torch.float32:  # (a bfloat16 chunk norm would round to 8 bits)
         return False
     if sum(x.numel() for x in xs) <= _NORM_CHUNK * len(xs):
         return False  # small leaves: the float64 copies are cheap
     return all(x.is_contiguous() for x in xs)
 
 
-def _chunked_norm(xs: Sequence[torch.Tensor], ord: float) -> list[torch.Tensor]:
-    """See :meth:`ListOps.norm`: norms of ``2^15``-element chunks in float32, combined
-    per leaf in float64 (``Σ r`` for ``ord=1``, ``sqrt(Σ r²)`` for ``ord=2``)."""
+def chunk_norms(xs: Sequence[torch.Tensor], ord: float,
+                owners: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The float32 norms of the ``2^15``-element chunks of every (contiguous) ``xs[i]``, in
+    order, and the owner of each chunk (``owners[i]``, default ``i``). See :func:`combine_norms`."""
     views: list[torch.Tensor] = []
-    owner: list[int] = []
+    chunk_owner: list[int] = []
     for i, x in enumerate(xs):
         parts = x.view(-1).split(_NORM_CHUNK) if x.numel() else (x.view(-1),)
         views.extend(parts)
-        owner.extend([i] * len(parts))
-    partial = torch.stack(torch._foreach_norm(views, ord)).to(torch.float64)
+        chunk_owner.extend([i if owners is None else owners[i]] * len(parts))
+    return torch.stack(torch._foreach_norm(views, ord)), chunk_owner
+
+
+def combine_norms(partial: torch.Tensor, owner: Sequence[int], n: int,
+                  ord: float) -> list[torch.Tensor]:
+    """Per-owner norms (``n`` float64 0-d tensors) from chunk norms: ``Σ r`` for ``ord=1``,
+    ``sqrt(Σ r²)`` for ``ord=2``, accumulated in float64 in chunk order."""
+    partial = partial.to(torch.float64)
     if ord == 2:
         partial = partial * partial
-    index = torch.tensor(owner, device=partial.device)
-    total = torch.zeros(len(xs), dtype=torch.float64, device=partial.device)
+    index = torch.tensor(owner, device=partial.device, dtype=torch.long)
+    total = torch.zeros(n, dtype=torch.float64, device=partial.device)
     total.index_add_(0, index, partial)
     if ord == 2:
         total = total.sqrt()
@@ -380,8 +391,8 @@ class ListOps:
             # (compiled: inductor has no lowering for _foreach_norm; per tensor, it fuses the
             # float64 cast into each reduction)
             out = [torch.linalg.vector_norm(x, ord, dtype=torch.float64) for x in xs]
-        elif _chunked_norm_applies(xs, ord):
-            out = _chunked_norm(xs, ord)
+        elif chunked_norm_applies(xs, ord):
+            out = combine_norms(*chunk_norms(xs, ord), len(xs), ord)
         else:
             out = list(torch._foreach_norm(xs, ord, dtype=torch.float64))
         return _replicate_partials(out) if is_dtensor(xs[0]) else out
@@ -417,8 +428,16 @@ def tiling_applies(ops: ListOps, lists: Sequence[Sequence[torch.Tensor]]) -> boo
     return all(type(x) in plain and x.is_contiguous() for lst in lists for x in lst)
 
 
-def tile_views(lists: Sequence[Sequence[torch.Tensor]],
-               tile_numel: int | None = None) -> list[list[list[torch.Tensor]]]:
+def tiled_norms_match(leaves: Sequence[torch.Tensor], dtype: torch.dtype, ord: float) -> bool:
+    """Whether per-leaf norms of values of ``dtype`` shaped like ``leaves`` come out bitwise the
+    same from tiles (:func:`chunk_norms` of each tile, combined) as from whole leaves
+    (:meth:`ListOps.norm`): when the latter takes the chunked form and tiles are cut at chunk
+    boundaries."""
+    return TILE_NUMEL % _NORM_CHUNK == 0 and chunked_norm_applies(leaves, ord, dtype)
+
+
+def tile_views(lists: Sequence[Sequence[torch.Tensor]], tile_numel: int | None = None, *,
+               leaf_ids: list | None = None) -> list[list[list[torch.Tensor]]]:
     """Cut parallel lists of contiguous leaves (leaf ``i`` of every list has the same number of
     elements) into tiles of at most ``tile_numel`` elements: each leaf's flat view is split into
     chunks, and consecutive chunks are packed into tiles. Returns ``[tile][list][chunk view]``.
@@ -427,10 +446,12 @@ def tile_views(lists: Sequence[Sequence[torch.Tensor]],
     (every element sees the same ops in the same order), but each of its passes reads and writes
     memory the previous pass just touched, in cache, and its temporaries are tile-sized blocks the
     allocator reuses, not fresh param-sized memory (which costs a page fault per page on the CPU).
+    ``leaf_ids`` (an empty list) receives, per tile, the leaf index of each of its chunks.
     """
     tile_numel = tile_numel or TILE_NUMEL
     tiles: list[list[list[torch.Tensor]]] = []
     current: list[list[torch.Tensor]] = [[] for _ in lists]
+    ids: list[int] = []
     size = 0
     for i in range(len(lists[0])):
         flat = [lst[i].view(-1) for lst in lists]
@@ -440,12 +461,17 @@ def tile_views(lists: Sequence[Sequence[torch.Tensor]],
             k_numel = pieces[0][k].numel()
             if size and size + k_numel > tile_numel:
                 tiles.append(current)
-                current, size = [[] for _ in lists], 0
+                if leaf_ids is not None:
+                    leaf_ids.append(ids)
+                current, ids, size = [[] for _ in lists], [], 0
             for views, chunks in zip(current, pieces):
                 views.append(chunks[k])
+            ids.append(i)
             size += k_numel
     if size or current[0]:
         tiles.append(current)
+        if leaf_ids is not None:
+            leaf_ids.append(ids)
     return tiles
 
 

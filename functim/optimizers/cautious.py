@@ -38,15 +38,24 @@ def cautious_mask(ops, direction, g, normalization, eps):
     return ops.div(mask, scale, inplace=True)
 
 
-def mask_and_scale(ops, direction, g, normalization, eps, *, owned=False):
-    """``(φ, s)``: the mask ``φ = 1[direction ⊙ g > 0]`` (NaN where the product is NaN) and the
-    per-tensor normalisation ``s`` (a list of 0-d tensors), ``φ̃ = φ/s``. The kernels fold ``1/s``
-    into their step's scale instead of a pass over ``φ``. ``owned``: ``direction`` is a
-    temporary that may be overwritten with ``φ``."""
+def agreement(ops, direction, g, *, owned=False):
+    """The mask ``φ = 1[direction ⊙ g > 0]`` (NaN where the product is NaN). ``owned``:
+    ``direction`` is a temporary that may be overwritten with ``φ``."""
     mask = ops.mul(direction, g, out=direction if owned else None)
-    mask = ops.clamp_min(ops.sign(mask, inplace=True), 0.0, inplace=True)  # 1 where > 0
-    counts = ops.norm(mask, 1.0)  # Σφ per tensor
-    n = [float(x.numel()) for x in mask]
+    return ops.clamp_min(ops.sign(mask, inplace=True), 0.0, inplace=True)  # 1 where > 0
+
+
+def mask_and_scale(ops, direction, g, normalization, eps, *, owned=False, counts=None, n=None):
+    """``(φ, s)``: the mask ``φ`` (:func:`agreement`) and the per-tensor normalisation ``s`` (a
+    list of 0-d tensors), ``φ̃ = φ/s``. The kernels fold ``1/s`` into their step's scale instead
+    of a pass over ``φ``. ``counts`` (Σφ per tensor) and ``n`` (elements per tensor) are given
+    when the leaves are stepped tile by tile (the engine's ``measure``); by default they are
+    those of ``direction``."""
+    mask = agreement(ops, direction, g, owned=owned)
+    if counts is None:
+        counts = ops.norm(mask, 1.0)  # Σφ per tensor
+    if n is None:
+        n = [float(x.numel()) for x in mask]
     if normalization == "mean":
         scale = [torch.clamp(c / k, min=1e-3) for c, k in zip(counts, n)]
     elif normalization == "paper":
@@ -56,12 +65,18 @@ def mask_and_scale(ops, direction, g, normalization, eps, *, owned=False):
     return mask, scale
 
 
-def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
+def _cautious_adamw_measure(ops, p, g, b, hp, step):
+    """The mask whose count the step needs (the engine's ``measure``; nothing is modified)."""
+    return agreement(ops, ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), g, owned=True)
+
+
+def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization,
+                           norms=None, numels=None):
     lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
     m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
     # the mask needs its per-tensor count before any leaf steps, so m ⊙ φ gets its own
     # temporary; the denominator reuses the g² one
-    mask, scale = mask_and_scale(ops, m, g, normalization, hp["eps"])
+    mask, scale = mask_and_scale(ops, m, g, normalization, hp["eps"], counts=norms, n=numels)
     masked = ops.mul(mask, m, inplace=True)
     v, new_b, denom = second_moment(ops, g, b, beta2, inplace=inplace)
     denom = adam_denominator(ops, v, denom, hp, step)
@@ -72,11 +87,22 @@ def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalizat
     return p, {"exp_avg": m, **new_b}
 
 
-def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization):
-    u = ops.sign(ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), inplace=True)
+def _lion_direction(ops, g, b, hp):
+    return ops.sign(ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), inplace=True)
+
+
+def _cautious_lion_measure(ops, p, g, b, hp, step):
+    """The mask whose count the step needs (the engine's ``measure``; nothing is modified)."""
+    return agreement(ops, _lion_direction(ops, g, b, hp), g, owned=True)
+
+
+def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization,
+                          norms=None, numels=None):
+    u = _lion_direction(ops, g, b, hp)
     # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow), and where φ = 1, u = sign(g), so
     # u ⊙ φ = copysign(φ, g) without keeping u
-    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, owned=True)
+    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, owned=True, counts=norms,
+                                 n=numels)
     update = ops.copysign(mask, g, inplace=True)
     p = decay_then_step(ops, p, update, hp, decay=decay, inplace=inplace,
                         scale=[1 / s for s in scale])
@@ -111,6 +137,8 @@ def cautious_adamw(
                 "weight_decay": NONNEGATIVE},
         buffers=("exp_avg", "exp_avg_sq"),
         kernel=partial(_cautious_adamw_kernel, normalization=normalization),
+        measure=_cautious_adamw_measure,
+        measure_ord=1.0,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         options={"normalization": normalization},
@@ -135,6 +163,8 @@ def cautious_lion(
         ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "weight_decay": NONNEGATIVE},
         buffers=("exp_avg",),
         kernel=partial(_cautious_lion_kernel, normalization=normalization),
+        measure=_cautious_lion_measure,
+        measure_ord=1.0,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         options={"normalization": normalization},

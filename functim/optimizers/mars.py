@@ -25,7 +25,8 @@ Choices (algorithms.md §15.1 item 4, §4(e)):
   ``if ‖c‖ > 1: c = c/‖c‖`` (dividing by 1.0 is exact). ``clip="global"`` (Levanter's global-norm
   clip of ``c``) is not implemented: it needs the norm of every leaf before any leaf steps.
 - The 2-D test is ``ndim == 2`` exactly (conv kernels and other N-D leaves take the AdamW branch,
-  as in the reference). The split is made inside the kernel from the leaves' static shapes.
+  as in the reference). The split is made from the leaves' static shapes (the engine steps each
+  kind of leaves as a group).
 - ``last_grad`` is a copy of the gradient (the reference stores a reference to ``p.grad``, which
   silently becomes the current gradient if the caller zeroes grads in place). It is written for
   every leaf, as the reference does, although the AdamW branch never reads it.
@@ -88,13 +89,23 @@ def _copy(ops, dst: list, src: list, inplace: bool) -> list:
     return [x.clone() for x in src]
 
 
-def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad):
+def _corrected_gradient(ops, g, b, hp):
+    """``c = g + γ·β1/(1−β1)·(g − last_grad)`` in one pass: lerp(last_grad, g, w) with w ≥ 1 is
+    computed as g − (g − last_grad)·(1 − w) (exactly g when γ = 0). A new list."""
     beta1 = hp["beta1"]
-    # c = g + γ·β1/(1−β1)·(g − last_grad) in one pass: lerp(last_grad, g, w) with w ≥ 1 is
-    # computed as g − (g − last_grad)·(1 − w) (exactly g when γ = 0)
-    c = ops.lerp(b["last_grad"], g, 1 + hp["gamma"] * (beta1 / (1 - beta1)))
+    return ops.lerp(b["last_grad"], g, 1 + hp["gamma"] * (beta1 / (1 - beta1)))
+
+
+def _mars_measure(ops, p, g, b, hp, step, *, kind):
+    """The corrected gradient whose norm the clip needs (the engine's ``measure``); the AdamW
+    branch needs none."""
+    return _corrected_gradient(ops, g, b, hp) if kind == "mars" else None
+
+
+def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad, norms=None):
+    c = _corrected_gradient(ops, g, b, hp)
     # per-tensor unit-norm clip without a host sync: c / max(1, ‖c‖)
-    norms = ops.clamp_min(ops.norm(c), 1.0, inplace=True)
+    norms = ops.clamp_min(ops.norm(c) if norms is None else norms, 1.0)
     c = ops.div(c, norms, inplace=True)
     # c is an owned temporary: the kernels below reuse it as their scratch
     if mars_type == "mars-adamw":
@@ -102,7 +113,7 @@ def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad):
         return _adamw_kernel(ops, p, c, bufs, hp, step, decay=decay, inplace=inplace,
                              amsgrad=amsgrad, maximize=False, g_owned=True)
     # mars-lion: sign of the EMA itself (one β)
-    m = ops.lerp(b["exp_avg"], c, 1 - beta1, inplace=inplace)
+    m = ops.lerp(b["exp_avg"], c, 1 - hp["beta1"], inplace=inplace)
     u = ops.sign(m, out=c)
     return decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace), {"exp_avg": m}
 
@@ -122,33 +133,25 @@ def _adamw_branch(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, lr_init):
                          amsgrad=amsgrad, maximize=False)
 
 
-def _mars_kernel(ops, p, g, b, hp, step, *, decay, inplace, mars_type, optimize_1d, amsgrad,
-                 lr_init):
-    n = len(p)
-    # static split by the leaves' shapes (no tensor values are read)
-    mars_idx = [i for i in range(n) if optimize_1d or p[i].ndim == 2]
-    adam_idx = [i for i in range(n) if not (optimize_1d or p[i].ndim == 2)]
-    new_p = list(p)
-    new_b = {k: list(v) for k, v in b.items()}
-    for idx, branch in ((mars_idx, "mars"), (adam_idx, "adamw")):
-        if not idx:
-            continue
-        sp = [p[i] for i in idx]
-        sg = [g[i] for i in idx]
-        sb = {k: [v[i] for i in idx] for k, v in b.items()}
-        if branch == "mars":
-            out_p, out_b = _mars_branch(ops, sp, sg, sb, hp, step, decay=decay, inplace=inplace,
-                                        mars_type=mars_type, amsgrad=amsgrad)
-        else:
-            out_p, out_b = _adamw_branch(ops, sp, sg, sb, hp, step, decay=decay,
-                                         inplace=inplace, amsgrad=amsgrad, lr_init=lr_init)
-        # last_grad is read above (c), so it is overwritten only now
-        out_b["last_grad"] = _copy(ops, sb["last_grad"], sg, inplace)
-        for j, i in enumerate(idx):
-            new_p[i] = out_p[j]
-            for k, v in out_b.items():
-                new_b[k][i] = v[j]
-    return new_p, new_b
+def _leaf_kind(p: torch.Tensor, *, optimize_1d: bool) -> str:
+    """The reference's static split by shape: ``"mars"`` for 2-D leaves (every leaf with
+    ``optimize_1d``), ``"adamw"`` for the others."""
+    return "mars" if optimize_1d or p.ndim == 2 else "adamw"
+
+
+def _mars_kernel(ops, p, g, b, hp, step, *, decay, inplace, kind, mars_type, amsgrad, lr_init,
+                 norms=None, numels=None):
+    """One kind of leaves (the engine groups them by :func:`_leaf_kind`)."""
+    if kind == "mars":
+        out_p, out_b = _mars_branch(ops, p, g, b, hp, step, decay=decay, inplace=inplace,
+                                    mars_type=mars_type, amsgrad=amsgrad, norms=norms)
+    else:
+        out_p, out_b = _adamw_branch(ops, p, g, b, hp, step, decay=decay, inplace=inplace,
+                                     amsgrad=amsgrad, lr_init=lr_init)
+    # last_grad is read above (c), so it is overwritten only now; buffers this kind of leaves
+    # does not use (MARS-Lion's exp_avg_sq) pass through
+    out_b = {**b, **out_b, "last_grad": _copy(ops, b["last_grad"], g, inplace)}
+    return out_p, out_b
 
 
 def _initial_lr(lr: Any) -> float | torch.Tensor:
@@ -238,7 +241,9 @@ def mars(
         hyperparams=hyperparams,
         ranges=ranges,
         buffers=buffers,
-        kernel=partial(_mars_kernel, **flags, lr_init=lr_init),
+        kernel=partial(_mars_kernel, mars_type=mars_type, amsgrad=amsgrad, lr_init=lr_init),
+        measure=_mars_measure,
+        leaf_kind=partial(_leaf_kind, optimize_1d=optimize_1d),
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         # the 1-D branch decays with weight_decay_1d whatever weight_decay is
