@@ -34,6 +34,7 @@ from .hyperparams import (
 )
 from .kernels import (
     ListOps,
+    ScratchPool,
     chunk_norms,
     combine_norms,
     foreach_copy_,
@@ -474,6 +475,8 @@ class ElementwiseOptimizer(Optimizer):
         names = list(b)
         leaf_ids: list[list[int]] = []
         tiles = tile_views([p, g, *b.values()], leaf_ids=leaf_ids)
+        scratch = ScratchPool()
+        ops = ListOps(per_tensor=False, scratch=scratch)
 
         def widened(tp, tg):
             pw = [x.to(work_dtype) for x in tp] if tp[0].dtype != work_dtype else tp
@@ -490,6 +493,7 @@ class ElementwiseOptimizer(Optimizer):
                 r, o = chunk_norms(xs, self.measure_ord, ids)
                 partials.append(r)
                 owners.extend(o)
+                scratch.release()
             else:
                 norms = combine_norms(torch.cat(partials), owners, len(p), self.measure_ord)
         for (tp, tg, *tb), ids in zip(tiles, leaf_ids):
@@ -501,4 +505,5 @@ class ElementwiseOptimizer(Optimizer):
             _store(tp, out_p)
             for n in names:
                 _store(bufs[n], out_b[n])
+            scratch.release()
         return p, b

@@ -190,14 +190,30 @@ def chunked_norm_applies(xs: Sequence[torch.Tensor], ord: float,
 def chunk_norms(xs: Sequence[torch.Tensor], ord: float,
                 owners: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
     """The float32 norms of the ``2^15``-element chunks of every (contiguous) ``xs[i]``, in
-    order, and the owner of each chunk (``owners[i]``, default ``i``). See :func:`combine_norms`."""
-    views: list[torch.Tensor] = []
+    order, and the owner of each chunk (``owners[i]``, default ``i``). See :func:`combine_norms`.
+
+    The whole chunks of a leaf are reduced as the rows of one matrix (one call, each row by the
+    same serial loop); a one-row matrix is given a second, repeated row, since a single-output
+    reduction may split its elements across threads and round differently. The remainder is
+    its own chunk (shorter than torch's parallel grain, so serial too). So a chunk's norm does
+    not depend on which other chunks it was computed with: a leaf cut into tiles at chunk
+    boundaries gets bitwise its whole-leaf chunk norms."""
+    parts: list[torch.Tensor] = []
     chunk_owner: list[int] = []
     for i, x in enumerate(xs):
-        parts = x.view(-1).split(_NORM_CHUNK) if x.numel() else (x.view(-1),)
-        views.extend(parts)
-        chunk_owner.extend([i if owners is None else owners[i]] * len(parts))
-    return torch.stack(torch._foreach_norm(views, ord)), chunk_owner
+        owner = i if owners is None else owners[i]
+        flat = x.view(-1)
+        rows = flat.numel() // _NORM_CHUNK
+        if rows:
+            block = flat[:rows * _NORM_CHUNK].view(rows, _NORM_CHUNK)
+            if rows == 1:
+                block = block.expand(2, _NORM_CHUNK)
+            parts.append(torch.linalg.vector_norm(block, ord, dim=1)[:rows])
+            chunk_owner.extend([owner] * rows)
+        if flat.numel() > rows * _NORM_CHUNK or not rows:
+            parts.append(torch.linalg.vector_norm(flat[rows * _NORM_CHUNK:], ord).view(1))
+            chunk_owner.append(owner)
+    return torch.cat(parts), chunk_owner
 
 
 def combine_norms(partial: torch.Tensor, owner: Sequence[int], n: int,
@@ -215,15 +231,46 @@ def combine_norms(partial: torch.Tensor, owner: Sequence[int], n: int,
     return list(total.unbind())
 
 
+class ScratchPool:
+    """Temporaries reused from one tile to the next (see :func:`tile_views`): ops give their
+    results in tensors taken from the pool, and :meth:`release` (after each tile, once nothing
+    of the tile's temporaries is needed any more) makes them available again. Without it, each
+    tile's temporaries are freed and allocated anew, and when several are alive the C allocator
+    hands their pages back to the OS in between, so every tile pays the page faults again."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._taken: list[tuple[tuple, torch.Tensor]] = []
+
+    def take(self, like: TensorList) -> TensorList:
+        out = []
+        for x in like:
+            key = (x.shape, x.dtype, x.device)
+            free = self._free.get(key)
+            t = free.pop() if free else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            self._taken.append((key, t))
+            out.append(t)
+        return out
+
+    def release(self) -> None:
+        for key, t in self._taken:
+            self._free.setdefault(key, []).append(t)
+        self._taken.clear()
+
+
 class ListOps:
     """Elementwise ops on lists of same-device, same-dtype tensors.
 
     Methods take ``inplace``: when True (and the path allows it) the first list is overwritten
     and returned; otherwise a new list is returned and the inputs are untouched.
+
+    ``scratch`` (eager CPU, tile by tile only): new results are written into tensors of this
+    :class:`ScratchPool` (which the caller releases after each tile).
     """
 
-    def __init__(self, per_tensor: bool):
+    def __init__(self, per_tensor: bool, scratch: ScratchPool | None = None):
         self.per_tensor = per_tensor
+        self.scratch = None if per_tensor else scratch
 
     def _run(self, name: str, xs: TensorList, *args, inplace: bool = False,
              out: TensorList | None = None) -> TensorList:
@@ -235,10 +282,16 @@ class ListOps:
         if self.per_tensor:
             fn = getattr(torch, name)
             return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
+        if xs[0].device.type == "cpu" and not is_dtensor(xs[0]):
+            # one 0-d tensor for every leaf, as a list: torch's CPU _foreach_mul_(xs, tensor)
+            # runs several times slower than _foreach_mul_(xs, [tensor, ...])
+            args = tuple([a] * len(xs) if isinstance(a, torch.Tensor) else a for a in args)
         if inplace or out is xs:
             getattr(torch, f"_foreach_{name}_")(xs, *map(compiled_scalars, args))
             return xs
-        if out is not None and self.writes_out(xs):
+        if out is None and self.scratch is not None:
+            out = self.scratch.take(xs)
+        if out is not None and (self.scratch is not None or self.writes_out(xs)):
             fn = getattr(torch, name)
             for i, (x, o) in enumerate(zip(xs, out)):
                 fn(x, *_per_elem(args, i), out=o)
@@ -340,13 +393,15 @@ class ListOps:
     def copysign(self, xs: TensorList, ys: TensorList, *, inplace: bool = False,
                  out=None) -> TensorList:
         """``|x|`` with the sign bit of ``y`` (torch has no foreach form: a per-tensor loop)."""
-        if self.per_tensor or not (inplace or out is not None):
+        if self.per_tensor or not (inplace or out is not None or self.scratch is not None):
             return [torch.copysign(x, y) for x, y in zip(xs, ys)]
         if inplace or out is xs:
             for x, y in zip(xs, ys):
                 x.copysign_(y)
             return xs
-        if self.writes_out(xs):
+        if out is None and self.scratch is not None:
+            out = self.scratch.take(xs)
+        if self.scratch is not None or self.writes_out(xs):
             for x, y, o in zip(xs, ys, out):
                 torch.copysign(x, y, out=o)
             return out
@@ -439,8 +494,9 @@ def tiled_norms_match(leaves: Sequence[torch.Tensor], dtype: torch.dtype, ord: f
 def tile_views(lists: Sequence[Sequence[torch.Tensor]], tile_numel: int | None = None, *,
                leaf_ids: list | None = None) -> list[list[list[torch.Tensor]]]:
     """Cut parallel lists of contiguous leaves (leaf ``i`` of every list has the same number of
-    elements) into tiles of at most ``tile_numel`` elements: each leaf's flat view is split into
-    chunks, and consecutive chunks are packed into tiles. Returns ``[tile][list][chunk view]``.
+    elements) into tiles of at most ``tile_numel`` elements: a larger leaf's flat view is split
+    into chunks, and consecutive chunks and smaller leaves (as they are) are packed into tiles.
+    Returns ``[tile][list][chunk]``.
 
     An elementwise kernel run tile by tile computes exactly what it computes on the whole leaves
     (every element sees the same ops in the same order), but each of its passes reads and writes
@@ -454,9 +510,11 @@ def tile_views(lists: Sequence[Sequence[torch.Tensor]], tile_numel: int | None =
     ids: list[int] = []
     size = 0
     for i in range(len(lists[0])):
-        flat = [lst[i].view(-1) for lst in lists]
-        n = flat[0].numel()
-        pieces = [f.split(tile_numel) for f in flat] if n > tile_numel else [(f,) for f in flat]
+        n = lists[0][i].numel()
+        if n > tile_numel:
+            pieces = [lst[i].view(-1).split(tile_numel) for lst in lists]
+        else:  # whole (an elementwise kernel does not care about the shape)
+            pieces = [(lst[i],) for lst in lists]
         for k in range(len(pieces[0])):
             k_numel = pieces[0][k].numel()
             if size and size + k_numel > tile_numel:
