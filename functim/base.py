@@ -192,6 +192,11 @@ def decay_flags(mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
     return [bool(f) for f in flags]
 
 
+def _widen(xs: list, dtype: torch.dtype) -> list:
+    """``xs`` in the working dtype (e.g. float32 copies of bfloat16 params); as is if already."""
+    return [x if x.dtype == dtype else x.to(dtype) for x in xs]
+
+
 def _store(dst: list, src: list) -> None:
     """Write ``src`` into ``dst`` where a kernel returned other tensors than the ones it was
     given to update in place (e.g. widened copies of bfloat16 params)."""
@@ -230,7 +235,8 @@ class ElementwiseOptimizer(Optimizer):
 
     ``measure`` (with ``measure_ord``): the kernel is elementwise except for one per-tensor norm
     that every element's update needs first (Cautious's mask count, MARS's clip norm).
-    ``measure(ops, params, grads, buffers, hp, step)`` returns, per leaf, the values whose norm
+    ``measure(ops, params, grads, buffers, hp, step)`` (params as stored, grads in the
+    buffers' dtype) returns, per leaf, the values whose norm
     the kernel takes (or None if this group needs none), modifying nothing, and the kernel
     accepts ``norms=`` (those per-leaf float64 norms) and ``numels=`` (the leaves' sizes, as
     floats) instead of taking them from its arguments, which may be chunks of the leaves. A
@@ -433,9 +439,8 @@ class ElementwiseOptimizer(Optimizer):
                 p = [sub[0][j] for j in js]
                 g = [sub[1][j] for j in js]
                 b = {n: [sub[2 + m][j] for j in js] for m, n in enumerate(names)}
-                kernel = (partial(self.kernel, kind=kind) if self.leaf_kind else self.kernel)
-                out_p, out_b = self._run_group(ops, kernel, kind, p, g, b, hp, step, device,
-                                               bdtype, dec, donate, host_hp if fused else None)
+                out_p, out_b = self._run_group(ops, kind, p, g, b, hp, step, device, bdtype,
+                                               dec, donate, host_hp if fused else None)
                 for j, op_, in zip(js, out_p):
                     new_p[active[idx[j]]] = op_
                 for n in names:
@@ -443,18 +448,26 @@ class ElementwiseOptimizer(Optimizer):
                         new_bufs[n][active[idx[j]]] = t
         return new_p, new_bufs
 
-    def _run_group(self, ops, kernel, kind, p, g, b, hp, step, device, work_dtype, decay,
-                   donate, fused_hp):
+    def _kernels(self, kind) -> tuple[Callable, Callable | None]:
+        """(kernel, measure) for the leaves of one ``leaf_kind``."""
+        if self.leaf_kind is None:
+            return self.kernel, self.measure
+        return (partial(self.kernel, kind=kind),
+                self.measure and partial(self.measure, kind=kind))
+
+    def _run_group(self, ops, kind, p, g, b, hp, step, device, work_dtype, decay, donate,
+                   fused_hp):
         hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
         if step.device != device:
             step = step.to(device)
-        mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
         if (donate and fused_hp is None and self.tileable
                 and tiling_applies(ops, [p, g, *b.values()])
                 and (self.measure is None or tiled_norms_match(p, work_dtype, self.measure_ord))):
-            return self._run_tiled(ops, kernel, kind, p, g, b, hp, step, work_dtype, decay)
-        pw = [x.to(work_dtype) for x in p] if mixed else p
-        gw = [x if x.dtype == work_dtype else x.to(work_dtype) for x in g]
+            return self._run_tiled(kind, p, g, b, hp, step, work_dtype, decay)
+        kernel, _ = self._kernels(kind)
+        mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
+        pw = _widen(p, work_dtype)
+        gw = _widen(g, work_dtype)
         if (fused_hp is not None and not ops.per_tensor and self.fused_kernel is not None
                 and device.type in ("cpu", "cuda")):
             if not donate:  # pure: the fused kernel updates fresh copies
@@ -468,26 +481,21 @@ class ElementwiseOptimizer(Optimizer):
             out_p = ops.write_back(p, out_p, donate=donate)
         return out_p, out_b
 
-    def _run_tiled(self, ops, kernel, kind, p, g, b, hp, step, work_dtype, decay):
+    def _run_tiled(self, kind, p, g, b, hp, step, work_dtype, decay):
         """The donated kernel, tile by tile (see ``tileable`` and ``measure``); params and
         buffers are updated in place, and a bfloat16 param is widened and rounded back one tile
-        at a time."""
+        at a time. The tiles' temporaries come from one :class:`ScratchPool`."""
+        kernel, measure = self._kernels(kind)
         names = list(b)
         leaf_ids: list[list[int]] = []
         tiles = tile_views([p, g, *b.values()], leaf_ids=leaf_ids)
         scratch = ScratchPool()
         ops = ListOps(per_tensor=False, scratch=scratch)
-
-        def widened(tp, tg):
-            pw = [x.to(work_dtype) for x in tp] if tp[0].dtype != work_dtype else tp
-            return pw, [x if x.dtype == work_dtype else x.to(work_dtype) for x in tg]
-
         norms = None
-        if self.measure is not None:  # first sweep: the per-leaf norms, chunk by chunk
-            measure = partial(self.measure, kind=kind) if self.leaf_kind else self.measure
+        if measure is not None:  # first sweep: the per-leaf norms, chunk by chunk
             partials, owners = [], []
             for (tp, tg, *tb), ids in zip(tiles, leaf_ids):
-                xs = measure(ops, *widened(tp, tg), dict(zip(names, tb)), hp, step)
+                xs = measure(ops, tp, _widen(tg, work_dtype), dict(zip(names, tb)), hp, step)
                 if xs is None:  # (nothing to measure for this group)
                     break
                 r, o = chunk_norms(xs, self.measure_ord, ids)
@@ -500,8 +508,8 @@ class ElementwiseOptimizer(Optimizer):
             extra = {} if norms is None else {"norms": [norms[i] for i in ids],
                                               "numels": [float(p[i].numel()) for i in ids]}
             bufs = dict(zip(names, tb))
-            out_p, out_b = kernel(ops, *widened(tp, tg), bufs, hp, step, decay=decay,
-                                  inplace=True, **extra)
+            out_p, out_b = kernel(ops, _widen(tp, work_dtype), _widen(tg, work_dtype), bufs, hp,
+                                  step, decay=decay, inplace=True, **extra)
             _store(tp, out_p)
             for n in names:
                 _store(bufs[n], out_b[n])
