@@ -55,7 +55,10 @@ Times one step of each functional optimizer in :data:`OPTIMIZERS` on case ``A`` 
 params, each optimizer's defaults except where the table says), each measurement in its own
 fresh subprocess:
 
-- eager: ``params, state = opt.update(params, grads, state, donate=True)`` (in place);
+- eager: ``params, state = opt.update(params, grads, state, donate=True)`` (in place), in
+  ``--eager-runs`` (default 2) fresh processes, the row keeping the one with the lower median
+  (a step's time moves by tens of percent from one process to the next on a shared machine;
+  the torch references are likewise the better of two processes);
 - compiled (``--compile``, the default; ``--no-compile`` skips it): first
   ``torch.compile(lambda p, g, s: opt.update(p, g, s, donate=True))``; if that fails to compile
   or run, the pure ``torch.compile(lambda p, g, s: opt.update(p, g, s))``. The details table says
@@ -781,20 +784,26 @@ def optimizers_main(args) -> int:
             continue
         modes = ["eager"] + (["compiled"] if args.compile else [])
         for mode in modes:
-            r = spawn_worker(["--opt-worker", name, "--opt-mode", mode, "--steps", str(steps),
-                              "--warmup", str(warmup)], args.threads,
-                             cold if mode == "compiled" else None, OPT_WORKER_TIMEOUT_S)
-            results[(name, mode)] = r
-            if "error" in r:
-                print(f"  {name:<16} {mode:<8} FAILED: {r['error']}", flush=True)
-                continue
-            extra = ""
-            if mode == "compiled":
-                extra = (f"  first call {r['first_call_s']:.1f} s ({r['form']}, "
-                         f"{'in place' if r['in_place'] else 'new tensors'})")
-            print(f"  {name:<16} {mode:<8} median {r['median_ms']:8.1f} ms  min "
-                  f"{r['min_ms']:8.1f} ms  step peak dRSS {r['peak_mb']:5.0f} MB  state x params "
-                  f"{r['state_x_params']:.3f}{extra}  [load {load_average()}]", flush=True)
+            # eager: the better of --eager-runs fresh processes, as for the torch references
+            for _ in range(args.eager_runs if mode == "eager" else 1):
+                r = spawn_worker(["--opt-worker", name, "--opt-mode", mode, "--steps",
+                                  str(steps), "--warmup", str(warmup)], args.threads,
+                                 cold if mode == "compiled" else None, OPT_WORKER_TIMEOUT_S)
+                if "error" in r:
+                    print(f"  {name:<16} {mode:<8} FAILED: {r['error']}", flush=True)
+                    results.setdefault((name, mode), r)
+                    continue
+                best = results.get((name, mode))
+                if best is None or "error" in best or r["median_ms"] < best["median_ms"]:
+                    results[(name, mode)] = r
+                extra = ""
+                if mode == "compiled":
+                    extra = (f"  first call {r['first_call_s']:.1f} s ({r['form']}, "
+                             f"{'in place' if r['in_place'] else 'new tensors'})")
+                print(f"  {name:<16} {mode:<8} median {r['median_ms']:8.1f} ms  min "
+                      f"{r['min_ms']:8.1f} ms  step peak dRSS {r['peak_mb']:5.0f} MB  state x "
+                      f"params {r['state_x_params']:.3f}{extra}  [load {load_average()}]",
+                      flush=True)
     ref_runs.append(measure_references(steps, warmup, args.threads, "end"))
 
     print(f"\nload average after the run (1/5/15 min): {load_average()}")
@@ -917,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
                          "compiled, against torch's AdamW and a copy-bandwidth floor")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="--optimizers: also time the torch.compile'd update (default: yes)")
+    ap.add_argument("--eager-runs", type=int, default=2,
+                    help="--optimizers: fresh worker processes per eager row; the row keeps "
+                         "the faster (default 2, like the start/end torch references)")
     ap.add_argument("--cold-compile", action="store_true",
                     help="--optimizers: disable inductor's on-disk caches in compiled workers")
     ap.add_argument("--only", default=None,
