@@ -264,8 +264,10 @@ class ListOps:
     Methods take ``inplace``: when True (and the path allows it) the first list is overwritten
     and returned; otherwise a new list is returned and the inputs are untouched.
 
-    ``scratch`` (eager CPU, tile by tile only): new results are written into tensors of this
-    :class:`ScratchPool` (which the caller releases after each tile).
+    ``scratch`` (eager CPU, tile by tile only): new results of large leaves (where
+    :meth:`writes_out` holds) are written into tensors of this :class:`ScratchPool` (which the
+    caller releases after each tile); small ones are left to the foreach ops, whose allocations
+    are cheap and whose one call beats a Python loop over many leaves.
     """
 
     def __init__(self, per_tensor: bool, scratch: ScratchPool | None = None):
@@ -289,9 +291,8 @@ class ListOps:
         if inplace or out is xs:
             getattr(torch, f"_foreach_{name}_")(xs, *map(compiled_scalars, args))
             return xs
-        if out is None and self.scratch is not None:
-            out = self.scratch.take(xs)
-        if out is not None and (self.scratch is not None or self.writes_out(xs)):
+        if (out is not None or self.scratch is not None) and self.writes_out(xs):
+            out = self.scratch.take(xs) if out is None else out
             fn = getattr(torch, name)
             for i, (x, o) in enumerate(zip(xs, out)):
                 fn(x, *_per_elem(args, i), out=o)
@@ -399,9 +400,8 @@ class ListOps:
             for x, y in zip(xs, ys):
                 x.copysign_(y)
             return xs
-        if out is None and self.scratch is not None:
-            out = self.scratch.take(xs)
-        if self.scratch is not None or self.writes_out(xs):
+        if self.writes_out(xs):
+            out = self.scratch.take(xs) if out is None else out
             for x, y, o in zip(xs, ys, out):
                 torch.copysign(x, y, out=o)
             return out
@@ -474,12 +474,17 @@ TILE_NUMEL = 1 << 20
 
 def tiling_applies(ops: ListOps, lists: Sequence[Sequence[torch.Tensor]]) -> bool:
     """Whether an elementwise kernel may run tile by tile over ``lists`` (see
-    :func:`tile_views`): eager, on the multi-tensor path, plain contiguous CPU tensors, and more
-    than one tile's worth of elements (else tiling changes nothing)."""
+    :func:`tile_views`): eager, on the multi-tensor path, plain contiguous CPU tensors, more than
+    one tile's worth of elements (else tiling changes nothing), and large leaves on average, as
+    for :meth:`ListOps.writes_out` (small leaves' temporaries are cheap, and cutting a list of
+    many small leaves into tiles only adds per-tile Python)."""
     if ops.per_tensor or torch.compiler.is_compiling() or not lists or not lists[0]:
         return False
     first = lists[0]
-    if first[0].device.type != "cpu" or sum(x.numel() for x in first) <= TILE_NUMEL:
+    total = sum(x.numel() for x in first)
+    if first[0].device.type != "cpu" or total <= TILE_NUMEL:
+        return False
+    if total < _OUT_MIN_NUMEL * len(first):
         return False
     plain = (torch.Tensor, torch.nn.Parameter)  # (not DTensors or other subclasses)
     return all(type(x) in plain and x.is_contiguous() for lst in lists for x in lst)
@@ -502,8 +507,9 @@ def tile_views(lists: Sequence[Sequence[torch.Tensor]], tile_numel: int | None =
 
     An elementwise kernel run tile by tile computes exactly what it computes on the whole leaves
     (every element sees the same ops in the same order), but each of its passes reads and writes
-    memory the previous pass just touched, in cache, and its temporaries are tile-sized blocks the
-    allocator reuses, not fresh param-sized memory (which costs a page fault per page on the CPU).
+    memory the previous pass just touched, in cache, and its temporaries are tile-sized (reused
+    from tile to tile through a :class:`ScratchPool`), not fresh param-sized memory (which costs
+    a page fault per page on the CPU).
     ``leaf_ids`` (an empty list) receives, per tile, the leaf index of each of its chunks.
     """
     tile_numel = tile_numel or TILE_NUMEL

@@ -226,6 +226,7 @@ def tile_spy(monkeypatch):
     import functim.base as base
     monkeypatch.setattr(kernels, "TILE_NUMEL", 64)
     monkeypatch.setattr(kernels, "_NORM_CHUNK", 16)
+    monkeypatch.setattr(kernels, "_OUT_MIN_NUMEL", 0)  # (the scratch pool serves small leaves)
     made = []
 
     def spy(lists, tile_numel=None, **kw):
@@ -308,6 +309,9 @@ def test_tiling_only_where_it_applies(tile_spy):
     assert kernels.tiling_applies(ops, [big, big])
     assert not kernels.tiling_applies(ListOps(per_tensor=True), [big, big])
     assert not kernels.tiling_applies(ops, [[torch.zeros(60)]] * 2)  # one tile's worth
+    kernels._OUT_MIN_NUMEL = 76  # (restored by the fixture) small leaves on average
+    assert not kernels.tiling_applies(ops, [big, big])
+    kernels._OUT_MIN_NUMEL = 0
     assert not kernels.tiling_applies(ops, [big, [torch.zeros(100, 2)[:, 0], big[1]]])
     assert not kernels.tiling_applies(ops, [[torch.zeros(10, 10).t()], [torch.zeros(10, 10)]])
     # pure steps, kernels that use shapes or reductions without saying so (``tileable`` /
