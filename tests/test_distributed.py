@@ -1,5 +1,5 @@
 """Sharded training with FSDP2 (``fully_shard``) and DTensor on CPU: gloo, 2 processes spawned
-from pytest (``torch.multiprocessing.spawn``, a free port).
+from pytest (:func:`ranks.run_ranks`).
 
 One spawn runs every scenario (process start-up dominates the cost): the workers train a small
 transformer sharded over 2 ranks with each optimizer of :data:`SPECS` (functional core and
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import socket
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ import functim.adapters as fa
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from ranks import run_ranks
 
 import functim as ft
 
@@ -505,10 +504,9 @@ def _matrix_checks(mesh) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def _worker(tmp: str) -> None:
     """Every 2-rank scenario; each one reports its result or its traceback under its own key."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     report: dict[str, Any] = {"parity": {}, "errors": {}, "resume_1_to_2": {}}
     try:
@@ -581,14 +579,6 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     finally:
         with open(os.path.join(tmp, f"report{rank}.pkl"), "wb") as f:
             pickle.dump(report, f)
-        dist.barrier()  # no rank tears down gloo while another still talks to it
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -621,7 +611,7 @@ def _run(tmp: str) -> tuple[str, list[dict]]:
         train(model, spec, surface, range(SPLIT, STEPS), opt=opt, state=state)
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
                    os.path.join(tmp, f"uninterrupted-{name}-{surface}.pt"))
-    mp.spawn(_worker, args=(WORLD, _free_port(), tmp), nprocs=WORLD, join=True)
+    run_ranks(_worker, (tmp,), tmp, world=WORLD)
     reports = []
     for r in range(WORLD):
         with open(os.path.join(tmp, f"report{r}.pkl"), "rb") as f:

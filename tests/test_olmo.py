@@ -16,7 +16,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 import types
 from dataclasses import dataclass
 
@@ -54,6 +53,7 @@ from olmo_core.distributed.checkpoint import (  # noqa: E402
 from olmo_core.exceptions import OLMoConfigurationError  # noqa: E402
 from olmo_core.optim import AdamWConfig as OLMoAdamWConfig  # noqa: E402
 from olmo_core.optim import CosWithWarmup, OptimConfig, OptimGroupOverride  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 
 import functim as ft  # noqa: E402
 from functim import adapters  # noqa: E402
@@ -618,29 +618,9 @@ def _fsdp_worker(out_dir: str) -> None:
         json.dump(results, f)
 
 
-def _rank_main(rank: int, init_file: str, fn, args: tuple) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_fsdp2_state_is_sharded_like_the_params_and_resumes(tmp_path):
-    import torch.multiprocessing as mp
-
-    # spawn, not fork: forking a process that already ran torch work can deadlock
-    ctx = mp.start_processes(_rank_main, nprocs=2, start_method="spawn", join=False,
-                             args=(str(tmp_path / "init"), _fsdp_worker, (str(tmp_path),)))
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the two FSDP ranks did not finish within 600 s")
+    run_ranks(_fsdp_worker, (str(tmp_path),), str(tmp_path))
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
             results = json.load(f)
