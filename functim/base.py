@@ -236,8 +236,9 @@ class ElementwiseOptimizer(Optimizer):
     ``measure`` (with ``measure_ord``): the kernel is elementwise except for one per-tensor norm
     that every element's update needs first (Cautious's mask count, MARS's clip norm).
     ``measure(ops, params, grads, buffers, hp, step)`` (params as stored, grads in the
-    buffers' dtype) returns, per leaf, the values whose norm
-    the kernel takes (or None if this group needs none), modifying nothing, and the kernel
+    buffers' dtype) returns, per leaf, the values whose norm the kernel takes (or None if this
+    group needs none) as new temporaries (the engine may overwrite them), modifying nothing
+    else, and the kernel
     accepts ``norms=`` (those per-leaf float64 norms) and ``numels=`` (the leaves' sizes, as
     floats) instead of taking them from its arguments, which may be chunks of the leaves. A
     donated CPU update then sweeps the tiles twice: measure, then step, bitwise as untiled.
@@ -498,7 +499,7 @@ class ElementwiseOptimizer(Optimizer):
                 xs = measure(ops, tp, _widen(tg, work_dtype), dict(zip(names, tb)), hp, step)
                 if xs is None:  # (nothing to measure for this group)
                     break
-                r, o = chunk_norms(xs, self.measure_ord, ids)
+                r, o = chunk_norms(xs, self.measure_ord, ids, owned=True)
                 partials.append(r)
                 owners.extend(o)
                 scratch.release()
