@@ -199,7 +199,7 @@ def test_deepcopy_and_repr():
 
 def test_readme_quickstarts_run(tmp_path, monkeypatch):
     # every ```python block runs here; ```py blocks are sketches (FSDP under torchrun) or the
-    # OLMo-core training script (a 30 s Trainer run; its pieces are tested in test_olmo.py)
+    # OLMo-core training script (run in its own process by test_olmo.py)
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert len(blocks) >= 3

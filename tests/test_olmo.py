@@ -765,3 +765,27 @@ def test_trainer_hard_stop_and_resume_equals_uninterrupted(config, tmp_path):
     if isinstance(config, SophiaConfig):  # the callback did update the Hessian EMA
         assert all(s["hessian"].abs().sum() > 0 for s in full["optim"]["state"].values())
 
+
+
+def _readme_training_script() -> str:
+    readme = open(os.path.join(TESTS_DIR, os.pardir, "README.md")).read()
+    start = " ".join(readme.split("\n")).index("A complete training script")  # (wrapped)
+    return readme[start:].split("```py\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_olmo_training_script_runs_as_written_and_resumes(tmp_path):
+    """The README's OLMo-core script, run as a user would (its own process, an empty folder),
+    then again: the second run loads the first one's final checkpoint instead of starting over."""
+    script = tmp_path / "train.py"
+    script.write_text(_readme_training_script())
+    logs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        logs.append(r.stdout + r.stderr)
+        assert r.returncode == 0, f"the README script failed:\n{logs[-1][-5000:]}"
+    assert "Training complete" in logs[0]
+    assert (tmp_path / "checkpoints" / "step6").is_dir()
+    assert "Loading checkpoint from 'checkpoints/step6'" in logs[1]
+    assert "Checkpoint successfully loaded" in logs[1]
