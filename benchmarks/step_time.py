@@ -78,6 +78,15 @@ destination, so copy_ at 8 bytes may understate the bandwidth). The ratios use t
 two AdamW times and the higher of the bandwidths (the stricter target and floor): timings on a
 shared 2-core machine drift a lot, so every progress line also shows the load average.
 
+``--paired`` (the default; ``--no-paired`` skips it): after its timed steps, each optimizer
+worker also builds its own ``torch.optim.AdamW(foreach=True)`` (its own params, the same grads)
+and the probe's two arrays, and runs ``--steps`` rounds of one optimizer step, one torch AdamW
+step and one ``add_`` probe pass, in an order that rotates each round. A second table, "Paired",
+gives the medians and the same targets computed from them: the optimizer and its references then
+share a process and the same minutes (between processes, torch's foreach AdamW alone has taken
+from 181 to 437 ms per step on this machine), so those ratios are the steadier ones. Their memory
+is not in ``step peak dRSS``.
+
 Columns of the ``--optimizers`` table:
 
 - ``bytes/param``: the least memory traffic of one float32 step per parameter, from the
@@ -554,11 +563,40 @@ def _moved(final: dict, shapes) -> float:
     return moved
 
 
-def run_opt_worker(name: str, mode: str, steps: int, warmup: int) -> dict:
+def _paired_rounds(step, grads: dict, shapes, rounds: int) -> dict:
+    """``rounds`` rounds, each timing one ``step()`` of the optimizer, one step of
+    ``torch.optim.AdamW(foreach=True)`` (on its own params, the same grads) and one pass of the
+    bandwidth probe's ``add_`` (12 bytes/element), in an order that rotates from round to round;
+    the medians, so that the optimizer's ratio to its target comes from one process and one
+    stretch of time (another process, seconds later, may run the same step tens of percent
+    faster or slower on a shared machine). Runs after the timed steps (its memory is not in
+    their peak)."""
+    numel = n_params(shapes)
+    ref_step, _ = build("torch-foreach", random_tensors(shapes, PARAM_SEED, 0.02), grads)
+    src = torch.rand(numel)
+    dst = torch.empty(numel)
+    dst.copy_(src)  # first touch
+    ref_step()  # its state's first touch
+    jobs = [("opt", step), ("foreach", ref_step), ("probe", lambda: dst.add_(src))]
+    times: dict[str, list[float]] = {key: [] for key, _ in jobs}
+    for i in range(rounds):
+        for key, fn in jobs[i % 3:] + jobs[:i % 3]:
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    medians = {key: statistics.median(v) for key, v in times.items()}
+    return {"rounds": rounds, "opt_ms": medians["opt"] * 1e3,
+            "foreach_ms": medians["foreach"] * 1e3,
+            "probe_gbps": 12 * numel / medians["probe"] / 1e9}
+
+
+def run_opt_worker(name: str, mode: str, steps: int, warmup: int,
+                   paired: bool = False) -> dict:
     """Time ``steps`` updates of one functim optimizer on case A, eager (donated) or compiled.
 
     ``warmup`` untimed updates come first (at least 1; in compiled mode the first is the
-    compiling call, timed on its own), so both modes do the same number of updates."""
+    compiling call, timed on its own), so both modes do the same number of updates.
+    ``paired``: then :func:`_paired_rounds`, ``steps`` of them."""
     shapes = case_shapes("A")
     numel = n_params(shapes)
     warmup = max(warmup, 1)
@@ -638,6 +676,8 @@ def run_opt_worker(name: str, mode: str, steps: int, warmup: int) -> dict:
         t1 = time.perf_counter()
         (times if i >= warmup else warm_times).append(t1 - t0)
     peak_mb, after_mb = mem.stop()
+    if paired:
+        res["paired"] = _paired_rounds(step, grads, shapes, steps)
     if mode != "eager":
         from torch._dynamo.utils import counters
 
@@ -750,6 +790,36 @@ def _ms(x: float | None) -> str:
     return "" if x is None else f"{x:.1f}"
 
 
+def paired_table(names: list[str], results: dict, numel: int, rounds: int) -> str:
+    """The targets from :func:`_paired_rounds`: each row's references measured in the row's
+    own process, in turn with its steps."""
+    header = ["optimizer", "bytes/param", "eager ms", "foreach AdamW ms", "eager target ms (met)",
+              "compiled ms", "probe GB/s", "floor ms", "compiled/floor (<=1.5)"]
+    rows = []
+    for name in names:
+        spec = OPTIMIZERS[name]
+        cells = [name, str(spec.bytes)]
+        for mode in ("eager", "compiled"):
+            pr = results.get((name, mode), {}).get("paired")
+            if pr is None:
+                cells += [""] * (3 if mode == "eager" else 4)
+            elif mode == "eager":
+                target = pr["foreach_ms"] * spec.bytes / 28
+                cells += [f"{pr['opt_ms']:.1f}", f"{pr['foreach_ms']:.1f}",
+                          f"{target:.1f} ({'yes' if pr['opt_ms'] <= target else 'NO'})"]
+            else:
+                floor = spec.bytes * numel / (pr["probe_gbps"] * 1e9) * 1e3
+                ratio = pr["opt_ms"] / floor
+                cells += [f"{pr['opt_ms']:.1f}", f"{pr['probe_gbps']:.2f}", f"{floor:.1f}",
+                          f"{ratio:.2f} ({'yes' if ratio <= 1.5 else 'NO'})"]
+        rows.append(cells)
+    return (f"Paired: in each row's own process, {rounds} rounds of one optimizer step, one "
+            "torch.optim.AdamW(foreach=True) step (same grads, its own params) and one add_ "
+            "pass of the bandwidth probe, in rotating order; medians. The eager target and "
+            "the floor as above, from these figures (same process, same minutes).\n\n"
+            + markdown_table(rows, header, n_left=1))
+
+
 def optimizers_main(args) -> int:
     if args.case not in ("both", "A"):
         raise SystemExit("--optimizers runs case A (GPT-2 small shapes) only")
@@ -787,7 +857,8 @@ def optimizers_main(args) -> int:
             # eager: the better of --eager-runs fresh processes, as for the torch references
             for _ in range(args.eager_runs if mode == "eager" else 1):
                 r = spawn_worker(["--opt-worker", name, "--opt-mode", mode, "--steps",
-                                  str(steps), "--warmup", str(warmup)], args.threads,
+                                  str(steps), "--warmup", str(warmup),
+                                  "--paired" if args.paired else "--no-paired"], args.threads,
                                  cold if mode == "compiled" else None, OPT_WORKER_TIMEOUT_S)
                 if "error" in r:
                     print(f"  {name:<16} {mode:<8} FAILED: {r['error']}", flush=True)
@@ -800,6 +871,10 @@ def optimizers_main(args) -> int:
                 if mode == "compiled":
                     extra = (f"  first call {r['first_call_s']:.1f} s ({r['form']}, "
                              f"{'in place' if r['in_place'] else 'new tensors'})")
+                if "paired" in r:
+                    pr = r["paired"]
+                    extra += (f"  paired: {pr['opt_ms']:.1f} ms, foreach AdamW "
+                              f"{pr['foreach_ms']:.1f} ms, probe {pr['probe_gbps']:.1f} GB/s")
                 print(f"  {name:<16} {mode:<8} median {r['median_ms']:8.1f} ms  min "
                       f"{r['min_ms']:8.1f} ms  step peak dRSS {r['peak_mb']:5.0f} MB  state x "
                       f"params {r['state_x_params']:.3f}{extra}  [load {load_average()}]",
@@ -889,6 +964,8 @@ def optimizers_main(args) -> int:
                "eager step peak MB", "compiled form", "compile s", "graphs", "compiled min ms",
                "compiled x fused-AdamW", "compiled step peak MB"]
     print(markdown_table(details, dheader, n_left=3))
+    if args.paired:
+        print("\n" + paired_table(names, results, numel, steps))
     for name in names:
         c = results.get((name, "compiled"))
         if c and "error" not in c and c.get("compile_failures"):
@@ -926,6 +1003,9 @@ def main(argv: list[str] | None = None) -> int:
                          "compiled, against torch's AdamW and a copy-bandwidth floor")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="--optimizers: also time the torch.compile'd update (default: yes)")
+    ap.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                    help="--optimizers: also time each optimizer in turn with torch's foreach "
+                         "AdamW and the bandwidth probe in its own process (the paired table)")
     ap.add_argument("--eager-runs", type=int, default=2,
                     help="--optimizers: fresh worker processes per eager row; the row keeps "
                          "the faster (default 2, like the start/end torch references)")
@@ -946,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bw_probe:
             res = run_bandwidth_probe(n_params(case_shapes("A")))
         else:
-            res = run_opt_worker(args.opt_worker, args.opt_mode, args.steps, args.warmup)
+            res = run_opt_worker(args.opt_worker, args.opt_mode, args.steps, args.warmup,
+                                 args.paired)
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
     if args.optimizers:
