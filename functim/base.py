@@ -237,11 +237,11 @@ class ElementwiseOptimizer(Optimizer):
     that every element's update needs first (Cautious's mask count, MARS's clip norm).
     ``measure(ops, params, grads, buffers, hp, step)`` (params as stored, grads in the
     buffers' dtype) returns, per leaf, the values whose norm the kernel takes (or None if this
-    group needs none) as new temporaries (the engine may overwrite them), modifying nothing
-    else, and the kernel
-    accepts ``norms=`` (those per-leaf float64 norms) and ``numels=`` (the leaves' sizes, as
-    floats) instead of taking them from its arguments, which may be chunks of the leaves. A
-    donated CPU update then sweeps the tiles twice: measure, then step, bitwise as untiled.
+    group needs none), modifying nothing; for ``measure_ord=1`` they are never negative (a mask:
+    their norm is their sum). The kernel accepts ``norms=`` (those per-leaf float64 norms) and
+    ``numels=`` (the leaves' sizes, as floats) instead of taking them from its arguments, which
+    may be chunks of the leaves. A donated CPU update then sweeps the tiles twice: measure,
+    then step, bitwise as untiled.
 
     ``leaf_kind``: ``(param) -> key``, a static class of leaves that the kernel treats
     differently (MARS's 2-D and other leaves); the leaves of each kind are stepped together and
@@ -499,7 +499,8 @@ class ElementwiseOptimizer(Optimizer):
                 xs = measure(ops, tp, _widen(tg, work_dtype), dict(zip(names, tb)), hp, step)
                 if xs is None:  # (nothing to measure for this group)
                     break
-                r, o = chunk_norms(xs, self.measure_ord, ids, owned=True)
+                r, o = chunk_norms(xs, self.measure_ord, ids,
+                                   nonnegative=self.measure_ord == 1)
                 partials.append(r)
                 owners.extend(o)
                 scratch.release()

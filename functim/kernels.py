@@ -197,11 +197,10 @@ def _rows_norm(x: torch.Tensor, ord: float, dim: int | None) -> torch.Tensor:
 
 def chunk_norms(xs: Sequence[torch.Tensor], ord: float,
                 owners: Sequence[int] | None = None, *,
-                owned: bool = False) -> tuple[torch.Tensor, list[int]]:
+                nonnegative: bool = False) -> tuple[torch.Tensor, list[int]]:
     """The float32 norms of the ``2^15``-element chunks of every (contiguous) ``xs[i]``, in
     order, and the owner of each chunk (``owners[i]``, default ``i``). See :func:`combine_norms`.
-    ``owned``: ``xs`` are temporaries of the caller's that may be overwritten (with ``|x|``, for
-    ``ord=1``).
+    ``nonnegative``: no element of ``xs`` is negative (a mask), so for ``ord=1`` no ``|x|``.
 
     The whole chunks of a leaf are reduced as the rows of one matrix (one call, each row by the
     same serial loop); a one-row matrix is given a second, repeated row, since a single-output
@@ -214,8 +213,8 @@ def chunk_norms(xs: Sequence[torch.Tensor], ord: float,
     for i, x in enumerate(xs):
         owner = i if owners is None else owners[i]
         flat = x.view(-1)
-        if ord == 1:
-            flat = flat.abs_() if owned else flat.abs()
+        if ord == 1 and not nonnegative:
+            flat = flat.abs()
         rows = flat.numel() // _NORM_CHUNK
         if rows:
             block = flat[:rows * _NORM_CHUNK].view(rows, _NORM_CHUNK)
