@@ -63,11 +63,19 @@ def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
     v, new_b, denom = second_moment(ops, g, b, hp["beta2"], inplace=inplace)
     denom = adam_denominator(ops, v, denom, hp, step)
     coef_g, coef_m = _coefficients(hp, step, variant)
-    # a·g + b·m = (a + b)·lerp(m, g, a/(a + b)) (a > 0): one pass for the numerator, and the
-    # factor −η·(a + b) folds into the denominator, as AdamW's scale
-    total = coef_g + coef_m
-    numer = ops.lerp(m, g, coef_g / total)
-    p = adaptive_step(ops, p, numer, denom, hp, -lr * total, decay=decay, inplace=inplace)
+    if ops.per_tensor:
+        numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
+        p = adaptive_step(ops, p, numer, denom, hp, -lr, decay=decay, inplace=inplace)
+        return p, {"exp_avg": m, **new_b}
+    # no temporary for a·g + b·m: two steps through the one denominator,
+    # p ← p·(1 − η·λ) + g/(denom/(−η·a)) + m/(denom/(−η·b))
+    if decay:
+        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
+        inplace = True
+    denom = ops.div(denom, -lr * coef_g, inplace=True)
+    p = ops.addcdiv(p, g, denom, inplace=inplace)
+    denom = ops.mul(denom, coef_g / coef_m, inplace=True)
+    p = ops.addcdiv(p, m, denom, inplace=True)
     return p, {"exp_avg": m, **new_b}
 
 
