@@ -221,6 +221,9 @@ class ElementwiseOptimizer(Optimizer):
     eager mode and outside torch.func/autograd. In pure mode the outputs are fresh copies that
     the fused kernel then updates in place. ``fused=False`` turns it off (functim's multi-tensor
     kernel everywhere); ``fused=None`` (default) uses it where it applies.
+    ``fused_applies(hp_floats, params) -> bool`` (optional): whether the fused kernel computes
+    this maths for these hyperparameters and can run on these params (else the multi-tensor
+    kernel runs).
 
     State: ``{"step": int32 0-d, "hyperparams": {name: float64 0-d}, <buffer>: tree like params}``.
     ``scalars`` (optional): extra per-optimizer scalar state, ``{name: initial value}``, stored as
@@ -263,6 +266,7 @@ class ElementwiseOptimizer(Optimizer):
         buffers: Sequence[str],
         kernel: Callable,
         fused_kernel: Callable | None = None,
+        fused_applies: Callable | None = None,
         state_dtype: torch.dtype | None = None,
         weight_decay_mask: Any = None,
         fused: bool | None = None,
@@ -290,6 +294,7 @@ class ElementwiseOptimizer(Optimizer):
         self.buffer_names = tuple(buffers)
         self.kernel = kernel
         self.fused_kernel = fused_kernel
+        self.fused_applies = fused_applies
         self.state_dtype = state_dtype
         self.weight_decay_mask = weight_decay_mask
         if fused not in (None, True, False):
@@ -461,6 +466,11 @@ class ElementwiseOptimizer(Optimizer):
         hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
         if step.device != device:
             step = step.to(device)
+        if fused_hp is not None and not (
+                not ops.per_tensor and self.fused_kernel is not None
+                and device.type in ("cpu", "cuda")
+                and (self.fused_applies is None or self.fused_applies(fused_hp, p))):
+            fused_hp = None
         if (donate and fused_hp is None and self.tileable
                 and tiling_applies(ops, [p, g, *b.values()])
                 and (self.measure is None or tiled_norms_match(p, work_dtype, self.measure_ord))):
@@ -469,8 +479,7 @@ class ElementwiseOptimizer(Optimizer):
         mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
         pw = _widen(p, work_dtype)
         gw = _widen(g, work_dtype)
-        if (fused_hp is not None and not ops.per_tensor and self.fused_kernel is not None
-                and device.type in ("cpu", "cuda")):
+        if fused_hp is not None:
             if not donate:  # pure: the fused kernel updates fresh copies
                 pw = pw if mixed else [x.clone() for x in pw]
                 b = {k: [x.clone() for x in v] for k, v in b.items()}

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import assert_trees_equal
 from functim.adapters import SGD, AdamW, FunctimOptimizer
 
 import functim as ft
@@ -49,6 +50,54 @@ def test_adamw_unfused_matches_torch(kw):
     _train(m2, AdamW(m2.named_parameters(), lr=1e-2, fused=False, **kw), batches)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True,
+                                                        "weight_decay": 0.01},
+                                {"momentum": 0.9, "maximize": True, "weight_decay": 0.1}])
+def test_sgd_fused_default_matches_torch_fused_bitwise(kw):
+    m1, m2, m3 = _model(), _model(), _model()
+    batches = _batches(10)
+    _train(m1, torch.optim.SGD(m1.parameters(), lr=1e-2, fused=True, **kw), batches)
+    _train(m2, SGD(m2.named_parameters(), lr=1e-2, **kw), batches)
+    # the functional update takes the same kernel (CPU state: the hyperparameters are host
+    # values), and leaves the grads alone
+    opt = ft.sgd(lr=1e-2, **kw)
+    params = {n: p.detach() for n, p in m3.named_parameters()}
+    state = opt.init_state(params)
+    for x in batches:
+        m3.zero_grad()
+        m3(x).pow(2).mean().backward()
+        grads = {n: p.grad for n, p in m3.named_parameters()}
+        before = {n: g.clone() for n, g in grads.items()}
+        params, state = opt.update(params, grads, state, donate=True)
+        assert all(torch.equal(before[n], grads[n]) for n in grads)
+    for a, b, c in zip(m1.parameters(), m2.parameters(), m3.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_sgd_fused_only_where_it_computes_functims_maths():
+    """Dampening (torch's fused kernel needs the step count for the first step's buffer) and a
+    momentum of 0 with a buffer (it would not update the buffer) take functim's kernel, bitwise
+    fused=False; without them the two differ by an ulp here and there (one rounding of p − η·g
+    against two)."""
+    m1, m2 = _model(), _model()
+    batches = _batches(6)
+    kw = {"momentum": 0.9, "dampening": 0.5}
+    _train(m1, SGD(m1.parameters(), lr=1e-2, **kw), batches)
+    _train(m2, SGD(m2.parameters(), lr=1e-2, fused=False, **kw), batches)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    params = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}
+    grads = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(1))}
+    runs = {}
+    for name, opt in (("scheduled-momentum-0", ft.sgd(lr=0.1, momentum=ft.constant_schedule(0.0))),
+                      ("fused-off", ft.sgd(lr=0.1, momentum=ft.constant_schedule(0.0),
+                                           fused=False)),
+                      ("fused", ft.sgd(lr=0.1)), ("unfused", ft.sgd(lr=0.1, fused=False))):
+        runs[name] = opt.update(params, grads, opt.init_state(params))
+    assert_trees_equal(runs["scheduled-momentum-0"], runs["fused-off"])
+    assert not torch.equal(runs["fused"][0]["w"], runs["unfused"][0]["w"])
+    torch.testing.assert_close(runs["fused"][0]["w"], runs["unfused"][0]["w"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True,

@@ -152,7 +152,7 @@ OPTIMIZERS = {
     "lion": lambda: ft.lion(weight_decay=0.1),
     "signsgd": lambda: ft.signsgd(weight_decay=0.1),
     "signum": lambda: ft.signum(),
-    "sgd": lambda: ft.sgd(momentum=0.9, nesterov=True, weight_decay=0.1),
+    "sgd": lambda: ft.sgd(momentum=0.9, nesterov=True, weight_decay=0.1, fused=False),
     "mars": lambda: mars(weight_decay=0.1, gamma=0.5),
     "mars_lion": lambda: mars(mars_type="mars-lion", optimize_1d=True),
     "mars_amsgrad": lambda: mars(amsgrad=True),
