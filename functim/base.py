@@ -386,8 +386,9 @@ class ElementwiseOptimizer(Optimizer):
 
     def _host_hparams(self, hp: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """The hyperparameters as floats when that costs no device sync and no trace: CPU tensors,
-        eager mode, not under torch.func, not recorded by autograd."""
-        if self.fused_kernel is None or self.fused is False or under_torch_func():
+        eager mode, not under torch.func, not recorded by autograd. (For the fused kernel, and
+        for every optimizer: a weight decay of exactly 0 then skips the decay pass.)"""
+        if under_torch_func():
             return None
         if torch.compiler.is_compiling():
             return None

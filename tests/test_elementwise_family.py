@@ -958,3 +958,31 @@ def test_adapter_equals_functional_bitwise(cls_name, fname, kw):
         assert torch.equal(params[n], p.detach()), n
         for b in fopt.buffer_names:
             assert torch.equal(state[b][n], opt.state[p][b]), (n, b)
+
+
+@pytest.mark.parametrize("make, decays", [
+    (lambda: ft.lion(), False), (lambda: ft.lion(weight_decay=0.1), True),
+    (lambda: ft.cautious_adamw(), False), (lambda: ft.signsgd(), False),
+    (lambda: ft.adamw(weight_decay=0.0, fused=False), False),
+    (lambda: ft.adamw(fused=False), True),
+], ids=["lion", "lion-wd", "cautious_adamw", "signsgd", "adamw-wd0", "adamw"])
+def test_zero_weight_decay_takes_no_pass_over_the_params(monkeypatch, make, decays):
+    """A functional update on CPU reads its hyperparameters on the host (no sync there): a
+    weight decay of exactly 0 skips the ``p·(1 − η·λ)`` pass, as in the torch.optim adapter."""
+    from functim import kernels
+
+    scaled = []
+    real = kernels.ListOps._run
+
+    def spy(self, name, xs, *args, **kw):
+        if name == "mul" and xs and xs[0] is params["w"]:
+            scaled.append(name)
+        return real(self, name, xs, *args, **kw)
+
+    monkeypatch.setattr(kernels.ListOps, "_run", spy)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(8, 8, generator=gen)}
+    grads = {"w": torch.randn(8, 8, generator=gen)}
+    opt = make()
+    opt.update(params, grads, opt.init_state(params), donate=True)
+    assert bool(scaled) is decays
