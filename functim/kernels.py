@@ -165,6 +165,8 @@ def _per_elem(args, i):
 
 # foreach ops whose out-of-place form has no DTensor sharding strategy (their in-place form has)
 _NO_DTENSOR_OUT_OF_PLACE = frozenset({"addcdiv"})
+# ops whose last scalar (``value``) is keyword-only in their per-tensor torch form
+_VALUE_LAST = frozenset({"addcdiv", "addcmul"})
 # ``out=`` is honoured (see ListOps.writes_out) when the leaves hold this many elements on average
 _OUT_MIN_NUMEL = 1 << 16
 
@@ -307,7 +309,11 @@ class ListOps:
             out = self.scratch.take(xs) if out is None else out
             fn = getattr(torch, name)
             for i, (x, o) in enumerate(zip(xs, out)):
-                fn(x, *_per_elem(args, i), out=o)
+                elem = _per_elem(args, i)
+                if name in _VALUE_LAST and len(elem) == 3:  # (keyword-only in torch.<op>)
+                    fn(x, *elem[:2], value=elem[2], out=o)
+                else:
+                    fn(x, *elem, out=o)
             return out
         if name in _NO_DTENSOR_OUT_OF_PLACE and is_dtensor(xs[0]):
             # DTensor (torch 2.13) has a sharding strategy for _foreach_addcdiv_ but none for the
@@ -379,10 +385,28 @@ class ListOps:
                 out=None) -> TensorList:
         return self._run("maximum", xs, ys, inplace=inplace, out=out)
 
-    def addcdiv(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False,
-                out=None):
-        """``x + a/b``."""
-        return self._run("addcdiv", xs, a, b, inplace=inplace, out=out)
+    def addcdiv(self, xs: TensorList, a: TensorList, b: TensorList, *,
+                value: list[float] | None = None, inplace: bool = False, out=None):
+        """``x + a/b``, or ``x + value·a/b`` with per-leaf Python floats ``value`` (see
+        :meth:`host_values`)."""
+        if value is None:
+            return self._run("addcdiv", xs, a, b, inplace=inplace, out=out)
+        return self._run("addcdiv", xs, a, b, value, inplace=inplace, out=out)
+
+    def host_values(self, scale, n: int) -> list[float] | None:
+        """``scale`` (a 0-d tensor, or a list of ``n`` per-leaf ones) as ``n`` Python floats
+        where reading it costs no device sync and no trace: eager, on the multi-tensor path,
+        scalars in CPU memory, not recorded by autograd. Else None. (A float scalar can then
+        ride along in an op, ``addcdiv(..., value=)``, instead of costing a pass of its own.)"""
+        if self.per_tensor or torch.compiler.is_compiling():
+            return None
+        ts = scale if isinstance(scale, list) else [scale] * n
+        if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad
+               for t in ts):
+            return None
+        if all(t is ts[0] for t in ts):
+            return [float(ts[0])] * n
+        return torch.stack(ts).tolist()
 
     def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False,
                 out=None):

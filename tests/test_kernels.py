@@ -184,6 +184,41 @@ def test_reused_temporaries_are_bitwise_fresh_ones(name, donate, dtype, monkeypa
     assert_trees_equal(reused, fresh)
 
 
+# -- the step's scale: a CPU scalar rides in the addcdiv; elsewhere it is folded into denom ----
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("name", ["adamw", "nadamw", "nadamw_timm_beta1_0", "cautious_adamw",
+                                  "mars"])
+def test_scale_as_host_value_is_the_folded_step(name, dtype, monkeypatch):
+    """``p + s·n/d`` (eager, CPU scalars: ``addcdiv(value=s)``, one pass) against ``p + n/(d/s)``
+    (the form compiled and CUDA steps take, where reading ``s`` would trace or sync): the same
+    maths, a few ulps apart."""
+    calls = []
+    real = kernels.ListOps.host_values
+
+    def spy(self, scale, n):
+        out = real(self, scale, n)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels.ListOps, "host_values", spy)
+    with_values = _run(name, dtype, donate=True)
+    assert calls and all(calls)
+    monkeypatch.setattr(kernels.ListOps, "host_values", lambda self, scale, n: None)
+    folded = _run(name, dtype, donate=True)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == F32 else {"rtol": 1e-12, "atol": 1e-14}
+    torch.testing.assert_close(with_values, folded, **tol)
+
+
+def test_host_values_only_where_reading_costs_nothing():
+    ops = ListOps(per_tensor=False)
+    s = torch.tensor(0.5, dtype=F64)
+    assert ops.host_values(s, 3) == [0.5] * 3
+    assert ops.host_values([s, s * 2], 2) == [0.5, 1.0]
+    assert ListOps(per_tensor=True).host_values(s, 3) is None  # torch.func / autograd
+    assert ops.host_values(s.clone().requires_grad_(), 3) is None
+    assert ops.host_values(torch.tensor(0.5, device="meta"), 3) is None  # (not CPU memory)
+
+
 # -- norms: float64 accumulation without a float64 copy of big float32 leaves -----------------
 def test_chunked_norm_counts_exactly_and_matches_float64():
     gen = torch.Generator().manual_seed(5)

@@ -66,7 +66,12 @@ def adaptive_step(ops, p, numer, denom, hp, scale, *, decay, inplace):
     """The Adam-family tail shared by AdamW, NAdamW, Cautious AdamW and MARS:
     ``p ← p·(1 − η·λ) + scale·numer/denom``, with ``denom`` from :func:`adam_denominator` (an
     owned temporary, overwritten) and ``scale`` a 0-d tensor or a list of per-leaf 0-d tensors
-    (``−η/bc1`` for AdamW). ``numer`` is only read."""
+    (``−η/bc1`` for AdamW). ``numer`` is only read.
+
+    Eager with CPU scalars, ``scale`` is read on the host and given to ``addcdiv`` as its
+    ``value`` (torch's non-capturable foreach form); where that would trace or sync (compiled,
+    CUDA) it is folded into ``denom`` instead, a pass more (torch's capturable form). The two
+    round differently (a few ulps)."""
     lr = hp["lr"]
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
@@ -74,7 +79,9 @@ def adaptive_step(ops, p, numer, denom, hp, scale, *, decay, inplace):
     if ops.per_tensor:
         # differentiable path: scale the step explicitly so d/d(lr) stays finite at lr = 0
         return ops.add(p, ops.mul(ops.div(numer, denom), scale), inplace=inplace)
-    # fold the scale into the denominator (torch's capturable foreach form): one pass over p
+    values = ops.host_values(scale, len(p))
+    if values is not None:
+        return ops.addcdiv(p, numer, denom, value=values, inplace=inplace)
     return ops.addcdiv(p, numer, ops.div(denom, scale, inplace=True), inplace=inplace)
 
 

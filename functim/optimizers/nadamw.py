@@ -72,7 +72,12 @@ def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
         inplace = True
-    denom = ops.div(denom, -lr * coef_g, inplace=True)
+    scale_g, scale_m = -lr * coef_g, -lr * coef_m
+    values_g, values_m = ops.host_values(scale_g, len(p)), ops.host_values(scale_m, len(p))
+    if values_g is not None and values_m is not None:  # (CPU scalars, eager: see adaptive_step)
+        p = ops.addcdiv(p, g, denom, value=values_g, inplace=inplace)
+        return ops.addcdiv(p, m, denom, value=values_m, inplace=True), {"exp_avg": m, **new_b}
+    denom = ops.div(denom, scale_g, inplace=True)
     p = ops.addcdiv(p, g, denom, inplace=inplace)
     denom = ops.mul(denom, coef_g / coef_m, inplace=True)
     p = ops.addcdiv(p, m, denom, inplace=True)
