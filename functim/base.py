@@ -39,11 +39,11 @@ from .kernels import (
     combine_norms,
     foreach_copy_,
     group_by_device_and_dtype,
+    host_floats,
     needs_per_tensor,
     tile_views,
     tiled_norms_match,
     tiling_applies,
-    under_torch_func,
 )
 
 PyTree = Any
@@ -234,7 +234,7 @@ class ElementwiseOptimizer(Optimizer):
     ``tileable``: the kernel is purely elementwise (every output element depends only on the same
     element of its inputs and on scalars: no per-tensor reduction, no use of shapes). Then a
     donated update on the CPU runs it tile by tile (:func:`functim.kernels.tile_views`), with the
-    same result, so that its passes over memory hit the cache.
+    same result and tile-sized temporaries.
 
     ``measure`` (with ``measure_ord``): the kernel is elementwise except for one per-tensor norm
     that every element's update needs first (Cautious's mask count, MARS's clip norm).
@@ -386,16 +386,11 @@ class ElementwiseOptimizer(Optimizer):
 
     def _host_hparams(self, hp: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """The hyperparameters as floats when that costs no device sync and no trace: CPU tensors,
-        eager mode, not under torch.func, not recorded by autograd. (For the fused kernel, and
-        for every optimizer: a weight decay of exactly 0 then skips the decay pass.)"""
-        if under_torch_func():
-            return None
-        if torch.compiler.is_compiling():
-            return None
-        for v in hp.values():
-            if v.device.type != "cpu" or v.requires_grad or type(v) is not torch.Tensor:
-                return None
-        return {k: float(v) for k, v in hp.items()}
+        eager mode, not under torch.func, not recorded by autograd (:func:`host_floats`). For
+        the fused kernel, and for every optimizer: a weight decay of exactly 0 then skips the
+        decay pass."""
+        values = host_floats(list(hp.values()))
+        return None if values is None else dict(zip(hp, values))
 
     def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
         return cached_decay_flags(self._mask_cache, self.weight_decay_mask, params, p_leaves,
@@ -462,15 +457,18 @@ class ElementwiseOptimizer(Optimizer):
         return (partial(self.kernel, kind=kind),
                 self.measure and partial(self.measure, kind=kind))
 
+    def _fused_runs(self, ops, device, p, fused_hp) -> bool:
+        """Whether torch's fused kernel takes this group (host hyperparameters ``fused_hp``)."""
+        if ops.per_tensor or self.fused_kernel is None or device.type not in ("cpu", "cuda"):
+            return False
+        return self.fused_applies is None or self.fused_applies(fused_hp, p)
+
     def _run_group(self, ops, kind, p, g, b, hp, step, device, work_dtype, decay, donate,
                    fused_hp):
         hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
         if step.device != device:
             step = step.to(device)
-        if fused_hp is not None and not (
-                not ops.per_tensor and self.fused_kernel is not None
-                and device.type in ("cpu", "cuda")
-                and (self.fused_applies is None or self.fused_applies(fused_hp, p))):
+        if fused_hp is not None and not self._fused_runs(ops, device, p, fused_hp):
             fused_hp = None
         if (donate and fused_hp is None and self.tileable
                 and tiling_applies(ops, [p, g, *b.values()])

@@ -152,6 +152,22 @@ def compiled_scalars(a):
     return a
 
 
+def host_floats(scalars: Sequence) -> list[float] | None:
+    """0-d tensor scalars as Python floats where reading them costs no device sync and no
+    trace: eager, outside torch.func, plain tensors in CPU memory (a load, not a sync), not
+    recorded by autograd. Else None. The one place functim reads a scalar on the host inside
+    ``update``: for torch's fused kernels (which take floats), to skip a decay pass when λ is
+    exactly 0, and for a scale given to an op as its ``value``."""
+    if torch.compiler.is_compiling() or under_torch_func():
+        return None
+    if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad
+           for t in scalars):
+        return None
+    if scalars and all(t is scalars[0] for t in scalars):
+        return [float(scalars[0])] * len(scalars)
+    return torch.stack(list(scalars)).tolist() if scalars else []
+
+
 def _as_tensor(s, like: torch.Tensor) -> torch.Tensor:
     """A float or 0-d tensor scalar as a 0-d tensor of ``like``'s dtype and device."""
     if isinstance(s, torch.Tensor):
@@ -166,7 +182,7 @@ def _per_elem(args, i):
 # foreach ops whose out-of-place form has no DTensor sharding strategy (their in-place form has)
 _NO_DTENSOR_OUT_OF_PLACE = frozenset({"addcdiv"})
 # ops whose last scalar (``value``) is keyword-only in their per-tensor torch form
-_VALUE_LAST = frozenset({"addcdiv", "addcmul"})
+_VALUE_LAST = frozenset({"addcdiv"})
 # ``out=`` is honoured (see ListOps.writes_out) when the leaves hold this many elements on average
 _OUT_MIN_NUMEL = 1 << 16
 
@@ -397,16 +413,11 @@ class ListOps:
         """``scale`` (a 0-d tensor, or a list of ``n`` per-leaf ones) as ``n`` Python floats
         where reading it costs no device sync and no trace: eager, on the multi-tensor path,
         scalars in CPU memory, not recorded by autograd. Else None. (A float scalar can then
-        ride along in an op, ``addcdiv(..., value=)``, instead of costing a pass of its own.)"""
-        if self.per_tensor or torch.compiler.is_compiling():
+        ride along in an op, ``addcdiv(..., value=)``, instead of costing a pass of its own.)
+        See :func:`host_floats`."""
+        if self.per_tensor:
             return None
-        ts = scale if isinstance(scale, list) else [scale] * n
-        if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad
-               for t in ts):
-            return None
-        if all(t is ts[0] for t in ts):
-            return [float(ts[0])] * n
-        return torch.stack(ts).tolist()
+        return host_floats(scale if isinstance(scale, list) else [scale] * n)
 
     def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False,
                 out=None):
@@ -502,7 +513,7 @@ class ListOps:
 
 
 # elements per tile of a tiled step (see tile_views): 4 MiB of float32 per tensor, so a tile's
-# params, grads, state and temporaries stay in the CPU's caches between the kernel's passes
+# params, grads, state and temporaries can stay in the CPU's caches between the kernel's passes
 # (measured on a 2-core CPU with 32 MiB of L3: 2^20 clearly faster than 2^18, which pays more
 # Python per tile; 2^19..2^21 within the noise)
 TILE_NUMEL = 1 << 20
@@ -542,10 +553,10 @@ def tile_views(lists: Sequence[Sequence[torch.Tensor]], tile_numel: int | None =
     Returns ``[tile][list][chunk]``.
 
     An elementwise kernel run tile by tile computes exactly what it computes on the whole leaves
-    (every element sees the same ops in the same order), but each of its passes reads and writes
-    memory the previous pass just touched, in cache, and its temporaries are tile-sized (reused
-    from tile to tile through a :class:`ScratchPool`), not fresh param-sized memory (which costs
-    a page fault per page on the CPU).
+    (every element sees the same ops in the same order), but its temporaries are tile-sized
+    (reused from tile to tile through a :class:`ScratchPool`), not fresh param-sized memory
+    (which costs a page fault per page on the CPU), and each of its passes reads and writes
+    memory the previous pass just touched (in cache, as far as a shared cache allows).
     ``leaf_ids`` (an empty list) receives, per tile, the leaf index of each of its chunks.
     """
     tile_numel = tile_numel or TILE_NUMEL
