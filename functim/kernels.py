@@ -179,10 +179,19 @@ def _per_elem(args, i):
     return [a[i] if isinstance(a, (list, tuple)) else a for a in args]
 
 
+def _per_tensor_call(name: str, x: torch.Tensor, elem: list, **out) -> torch.Tensor:
+    """``torch.<name>(x, *elem)``, the trailing Python-float ``value`` of ``addcdiv``/``addcmul``
+    passed by keyword (it is keyword-only there)."""
+    fn = getattr(torch, name)
+    if name in _VALUE_LAST and len(elem) == 3 and isinstance(elem[2], float):
+        return fn(x, *elem[:2], value=elem[2], **out)
+    return fn(x, *elem, **out)
+
+
 # foreach ops whose out-of-place form has no DTensor sharding strategy (their in-place form has)
 _NO_DTENSOR_OUT_OF_PLACE = frozenset({"addcdiv"})
-# ops whose last scalar (``value``) is keyword-only in their per-tensor torch form
-_VALUE_LAST = frozenset({"addcdiv"})
+# ops whose last scalar (``value``, a Python float) is keyword-only in their per-tensor torch form
+_VALUE_LAST = frozenset({"addcdiv", "addcmul"})
 # ``out=`` is honoured (see ListOps.writes_out) when the leaves hold this many elements on average
 _OUT_MIN_NUMEL = 1 << 16
 
@@ -312,8 +321,7 @@ class ListOps:
         dtype = xs[0].dtype
         args = tuple(_cast_scalars(a, dtype) for a in args)
         if self.per_tensor:
-            fn = getattr(torch, name)
-            return [fn(x, *_per_elem(args, i)) for i, x in enumerate(xs)]
+            return [_per_tensor_call(name, x, _per_elem(args, i)) for i, x in enumerate(xs)]
         if xs[0].device.type == "cpu" and not is_dtensor(xs[0]):
             # one 0-d tensor for every leaf, as a list: torch's CPU _foreach_mul_(xs, tensor)
             # runs several times slower than _foreach_mul_(xs, [tensor, ...])
@@ -323,13 +331,8 @@ class ListOps:
             return xs
         if (out is not None or self.scratch is not None) and self.writes_out(xs):
             out = self.scratch.take(xs) if out is None else out
-            fn = getattr(torch, name)
             for i, (x, o) in enumerate(zip(xs, out)):
-                elem = _per_elem(args, i)
-                if name in _VALUE_LAST and len(elem) == 3:  # (keyword-only in torch.<op>)
-                    fn(x, *elem[:2], value=elem[2], out=o)
-                else:
-                    fn(x, *elem, out=o)
+                _per_tensor_call(name, x, _per_elem(args, i), out=o)
             return out
         if name in _NO_DTENSOR_OUT_OF_PLACE and is_dtensor(xs[0]):
             # DTensor (torch 2.13) has a sharding strategy for _foreach_addcdiv_ but none for the
@@ -419,10 +422,13 @@ class ListOps:
             return None
         return host_floats(scale if isinstance(scale, list) else [scale] * n)
 
-    def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, inplace: bool = False,
-                out=None):
-        """``x + a·b``."""
-        return self._run("addcmul", xs, a, b, inplace=inplace, out=out)
+    def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *,
+                value: list[float] | None = None, inplace: bool = False, out=None):
+        """``x + a·b``, or ``x + value·a·b`` with per-leaf Python floats ``value`` (see
+        :meth:`host_values`)."""
+        if value is None:
+            return self._run("addcmul", xs, a, b, inplace=inplace, out=out)
+        return self._run("addcmul", xs, a, b, value, inplace=inplace, out=out)
 
     def add_scaled(self, xs: TensorList, ys: TensorList, scale, *,
                    inplace: bool = False) -> TensorList:
@@ -438,23 +444,24 @@ class ListOps:
             scale = [_as_tensor(scale, xs[0])] * len(xs)
         return self._run("addcmul", xs, ys, scale, inplace=inplace)
 
-    def copysign(self, xs: TensorList, ys: TensorList, *, inplace: bool = False,
-                 out=None) -> TensorList:
-        """``|x|`` with the sign bit of ``y`` (torch has no foreach form: a per-tensor loop)."""
-        if self.per_tensor or not (inplace or out is not None or self.scratch is not None):
-            return [torch.copysign(x, y) for x, y in zip(xs, ys)]
-        if inplace or out is xs:
-            for x, y in zip(xs, ys):
-                x.copysign_(y)
-            return xs
-        if self.writes_out(xs):
-            out = self.scratch.take(xs) if out is None else out
-            for x, y, o in zip(xs, ys, out):
-                torch.copysign(x, y, out=o)
-            return out
-        return [torch.copysign(x, y) for x, y in zip(xs, ys)]
-
     # -- unary ops -----------------------------------------------------------------------
+    def positive(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
+        """``1[x > 0]`` in ``x``'s dtype (0 where ``x`` is NaN). Eager on plain tensors, one
+        ``torch.gt(x, 0, out=o)`` pass per leaf (torch has no foreach comparison; the float
+        ``out`` takes the bool result); elsewhere ``(x > 0).to(dtype)``, which ``torch.compile``
+        fuses."""
+        plain = not (self.per_tensor or not xs or is_dtensor(xs[0])
+                     or torch.compiler.is_compiling())
+        if plain and (inplace or out is xs):
+            target = xs
+        elif plain and (out is not None or self.scratch is not None) and self.writes_out(xs):
+            target = self.scratch.take(xs) if out is None else out
+        else:
+            return [(x > 0).to(x.dtype) for x in xs]
+        for x, o in zip(xs, target):
+            torch.gt(x, 0, out=o)
+        return target
+
     def neg(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
         return self._run("neg", xs, inplace=inplace, out=out)
 

@@ -36,7 +36,7 @@ from torch._dynamo.utils import counters
 
 import functim as ft
 
-F64 = torch.float64
+F32, F64 = torch.float32, torch.float64
 N_STEPS = 20
 TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-6, 1e-7)}
 EPS64 = torch.finfo(F64).eps
@@ -589,6 +589,35 @@ def test_mean_normalization_floor_of_1e_3(name):
     c = 1 - hp["lr"] * hp["weight_decay"]
     moved = (p2["w"] - p1["w"] * c).abs() > 1e-12
     assert torch.equal(moved, keep)
+
+
+@pytest.mark.parametrize("name", ["cautious_adamw", "cautious_lion"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_a_nan_gradient_entry_is_masked_like_c_optim(name, dtype):
+    """C-Optim's mask ``(u * g > 0).to(dtype)`` is 0 where ``g`` is NaN, and counts as masked
+    in the normalisation: the tensor's other entries step as the reference's. That entry's step
+    is the reference's too: NaN for AdamW (m is NaN, NaN·0 = NaN); for Lion only its decay
+    (torch's CPU ``sign(NaN)`` is 0, so u = 0)."""
+    n = 4096
+    gen = torch.Generator().manual_seed(1)
+    p = {"w": torch.randn(n, generator=gen, dtype=dtype)}
+    gs = [{"w": torch.randn(n, generator=gen, dtype=dtype)} for _ in range(2)]
+    gs[1]["w"][5] = float("nan")
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, normalization="mean")
+    if name == "cautious_adamw":
+        hp["eps"] = 1e-6
+    opt = getattr(ft, name)(**hp)
+    q, s = p, opt.init_state(p)
+    for g in gs:
+        q, s = opt.update(q, g, s)
+    ref, _, _ = ref_run(name, hp, p, gs)
+    if name == "cautious_adamw":
+        assert bool(q["w"][5].isnan()) and bool(ref[0][5].isnan())
+    else:
+        assert torch.equal(q["w"][5], ref[0][5])
+    keep = torch.arange(n) != 5
+    assert bool(q["w"][keep].isfinite().all())
+    assert_leaves_close([q["w"][keep]], [ref[0][keep]], dtype, name, [p["w"][keep].abs()])
 
 
 @pytest.mark.parametrize("name", ["cautious_adamw", "cautious_lion"])

@@ -1,5 +1,6 @@
-"""ListOps primitives (functim/kernels.py): the ``out=`` temporaries and ``copysign`` give
-bitwise the results of the plain foreach / per-tensor ops, on every path; ``add_scaled`` is
+"""ListOps primitives (functim/kernels.py): the ``out=`` temporaries, ``positive`` and the
+host ``value`` of ``addcdiv``/``addcmul`` give bitwise the results of the plain foreach /
+per-tensor ops, on every path; ``add_scaled`` is
 ``addcmul``, rounded once; and every elementwise optimizer steps bitwise the same whether its
 temporaries are reused in place (``ListOps.writes_out``) or freshly allocated."""
 
@@ -60,8 +61,21 @@ OPS = {
     "sqrt": lambda o, x, y, z, **k: o.sqrt(z, **k),
     "sign": lambda o, x, y, z, **k: o.sign(x, **k),
     "clamp_min": lambda o, x, y, z, **k: o.clamp_min(x, 0.0, **k),
-    "copysign": lambda o, x, y, z, **k: o.copysign(x, y, **k),
+    "positive": lambda o, x, y, z, **k: o.positive(x, **k),
+    "addcdiv_value": lambda o, x, y, z, **k: o.addcdiv(x, y, z, value=[-0.5, 3.0, 1e-3], **k),
+    "addcmul_value": lambda o, x, y, z, **k: o.addcmul(x, y, z, value=[-0.5, 3.0, 1e-3], **k),
 }
+
+
+def test_positive_is_one_exactly_where_greater_than_zero():
+    """C-Optim's ``(x > 0).to(dtype)``: 0 at ±0, NaN and −inf, 1 at a subnormal and +inf."""
+    x = torch.tensor([0.0, -0.0, float("nan"), -float("inf"), float("inf"),
+                      torch.finfo(F32).tiny / 4, -1e-30, 2.0])
+    want = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    for per_tensor in (False, True):
+        _same(ListOps(per_tensor=per_tensor).positive([x]), [want])
+    got = torch.compile(lambda t: ListOps(per_tensor=False).positive([t]), fullgraph=True)(x)
+    _same(got, [want])
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

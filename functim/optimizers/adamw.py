@@ -32,8 +32,8 @@ def _adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, maximize,
     v, new_b, denom = second_moment(ops, g, b, beta2, inplace=inplace, amsgrad=amsgrad,
                                     g_owned=g_owned)
     new_b = {"exp_avg": m, **new_b}
-    denom = adam_denominator(ops, v, denom, hp, step)
-    p = adaptive_step(ops, p, m, denom, hp, -lr / (1 - beta1**step), decay=decay,
+    denom, c = adam_denominator(ops, v, denom, hp, step)
+    p = adaptive_step(ops, p, m, denom, hp, -lr * c / (1 - beta1**step), decay=decay,
                       inplace=inplace)
     return p, new_b
 
@@ -52,21 +52,22 @@ def second_moment(ops, g, b, beta2, *, inplace, amsgrad=False, g_owned=False):
 
 
 def adam_denominator(ops, second, scratch, hp, step):
-    """``sqrt(second)/sqrt(1 − β2^t) + ε`` (EPS_OUT), written into ``scratch`` (an owned
-    temporary of the same shapes, e.g. the ``g²`` of :func:`second_moment`) where
-    :meth:`ListOps.writes_out` holds: no new memory. (Three passes: a single
-    ``addcdiv(ε, x, c)`` would replace the last two, but with two 0-d operands torch's CPU
-    kernel leaves its vectorised loop and is slower than both.)"""
+    """The Adam denominator ``sqrt(second)/c + ε`` (EPS_OUT, ``c = sqrt(1 − β2^t)``) as
+    ``(sqrt(second) + ε·c, c)``: the denominator times ``c``, and ``c``, which the caller
+    multiplies into its step's scale. That is the same maths with one pass fewer than dividing
+    every element by ``c`` (torch's form; the two round differently, a few ulps). Written into
+    ``scratch`` (an owned temporary of the same shapes, e.g. the ``g²`` of
+    :func:`second_moment`) where :meth:`ListOps.writes_out` holds: no new memory."""
+    c = torch.sqrt(1 - hp["beta2"] ** step)
     denom = ops.sqrt(second, out=scratch)
-    denom = ops.div(denom, torch.sqrt(1 - hp["beta2"] ** step), inplace=True)
-    return ops.add(denom, hp["eps"], inplace=True)
+    return ops.add(denom, hp["eps"] * c, inplace=True), c
 
 
 def adaptive_step(ops, p, numer, denom, hp, scale, *, decay, inplace):
     """The Adam-family tail shared by AdamW, NAdamW, Cautious AdamW and MARS:
     ``p ← p·(1 − η·λ) + scale·numer/denom``, with ``denom`` from :func:`adam_denominator` (an
     owned temporary, overwritten) and ``scale`` a 0-d tensor or a list of per-leaf 0-d tensors
-    (``−η/bc1`` for AdamW). ``numer`` is only read.
+    (``−η·c/bc1`` for AdamW, ``c`` from :func:`adam_denominator`). ``numer`` is only read.
 
     Eager with CPU scalars, ``scale`` is read on the host and given to ``addcdiv`` as its
     ``value`` (torch's non-capturable foreach form); where that would trace or sync (compiled,

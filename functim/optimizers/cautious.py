@@ -39,10 +39,10 @@ def cautious_mask(ops, direction, g, normalization, eps):
 
 
 def agreement(ops, direction, g, *, owned=False):
-    """The mask ``φ = 1[direction ⊙ g > 0]`` (NaN where the product is NaN). ``owned``:
-    ``direction`` is a temporary that may be overwritten with ``φ``."""
-    mask = ops.mul(direction, g, out=direction if owned else None)
-    return ops.clamp_min(ops.sign(mask, inplace=True), 0.0, inplace=True)  # 1 where > 0
+    """The mask ``φ = 1[direction ⊙ g > 0]``, in the dtype of ``direction`` (0 where the
+    product is NaN, as C-Optim's ``(u * g > 0).to(g.dtype)``). ``owned``: ``direction`` is a
+    temporary that may be overwritten with ``φ``."""
+    return ops.positive(ops.mul(direction, g, out=direction if owned else None), inplace=True)
 
 
 def mask_and_scale(ops, direction, g, normalization, eps, *, owned=False, counts=None, n=None):
@@ -79,9 +79,9 @@ def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalizat
     mask, scale = mask_and_scale(ops, m, g, normalization, hp["eps"], counts=norms, n=numels)
     masked = ops.mul(mask, m, inplace=True)
     v, new_b, denom = second_moment(ops, g, b, beta2, inplace=inplace)
-    denom = adam_denominator(ops, v, denom, hp, step)
-    # the normalisation φ/s folds into the step's scale: −η/(bc1·s) per leaf
-    step_scale = -lr / (1 - beta1**step)
+    denom, c = adam_denominator(ops, v, denom, hp, step)
+    # the normalisation φ/s folds into the step's scale: −η·c/(bc1·s) per leaf
+    step_scale = -lr * c / (1 - beta1**step)
     p = adaptive_step(ops, p, masked, denom, hp, [step_scale / s for s in scale],
                       decay=decay, inplace=inplace)
     return p, {"exp_avg": m, **new_b}
@@ -99,13 +99,11 @@ def _cautious_lion_measure(ops, p, g, b, hp, step):
 def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization,
                           norms=None, numels=None):
     u = _lion_direction(ops, g, b, hp)
-    # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow), and where φ = 1, u = sign(g), so
-    # u ⊙ φ = copysign(φ, g) without keeping u
-    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, owned=True, counts=norms,
-                                 n=numels)
-    update = ops.copysign(mask, g, inplace=True)
-    p = decay_then_step(ops, p, update, hp, decay=decay, inplace=inplace,
-                        scale=[1 / s for s in scale])
+    # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow). The step is p − (η/s)·φ ⊙ u in one
+    # addcmul (NaN where u is, as C-Optim's)
+    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, counts=norms, n=numels)
+    p = decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace,
+                        scale=[1 / s for s in scale], mask=mask)
     m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
     return p, {"exp_avg": m}
 

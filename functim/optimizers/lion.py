@@ -23,15 +23,22 @@ from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
 
 
-def decay_then_step(ops, p, signs, hp, *, decay, inplace, scale=None):
+def decay_then_step(ops, p, signs, hp, *, decay, inplace, scale=None, mask=None):
     """``p·(1 − η·λ) − η·scale·signs`` (``scale``: None = 1, or a list of per-leaf 0-d tensors),
-    the step in one pass (``addcmul``). ``signs`` is an owned temporary; it is only read."""
+    the step in one pass (``addcmul``); with ``mask``, ``− η·scale·(mask ⊙ signs)``, also one
+    pass where the scale is a host value. ``signs`` is only read; ``mask``, an owned temporary,
+    may be overwritten."""
     lr = hp["lr"]
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
         inplace = True
     step = -lr if scale is None else [-lr * s for s in scale]
-    return ops.add_scaled(p, signs, step, inplace=inplace)
+    if mask is None:
+        return ops.add_scaled(p, signs, step, inplace=inplace)
+    values = ops.host_values(step, len(p))
+    if values is not None:
+        return ops.addcmul(p, mask, signs, value=values, inplace=inplace)
+    return ops.addcmul(p, ops.mul(mask, step, inplace=True), signs, inplace=inplace)
 
 
 def _lion_kernel(ops, p, g, b, hp, step, *, decay, inplace):

@@ -61,18 +61,18 @@ def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
     lr = hp["lr"]
     m = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"], inplace=inplace)
     v, new_b, denom = second_moment(ops, g, b, hp["beta2"], inplace=inplace)
-    denom = adam_denominator(ops, v, denom, hp, step)
+    denom, c = adam_denominator(ops, v, denom, hp, step)
     coef_g, coef_m = _coefficients(hp, step, variant)
     if ops.per_tensor:
         numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
-        p = adaptive_step(ops, p, numer, denom, hp, -lr, decay=decay, inplace=inplace)
+        p = adaptive_step(ops, p, numer, denom, hp, -lr * c, decay=decay, inplace=inplace)
         return p, {"exp_avg": m, **new_b}
     # no temporary for a·g + b·m: two steps through the one denominator,
-    # p ← p·(1 − η·λ) + g/(denom/(−η·a)) + m/(denom/(−η·b))
+    # p ← p·(1 − η·λ) + g/(denom/(−η·c·a)) + m/(denom/(−η·c·b))
     if decay:
         p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
         inplace = True
-    scale_g, scale_m = -lr * coef_g, -lr * coef_m
+    scale_g, scale_m = -lr * c * coef_g, -lr * c * coef_m
     values_g, values_m = ops.host_values(scale_g, len(p)), ops.host_values(scale_m, len(p))
     if values_g is not None and values_m is not None:  # (CPU scalars, eager: see adaptive_step)
         p = ops.addcdiv(p, g, denom, value=values_g, inplace=inplace)

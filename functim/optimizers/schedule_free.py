@@ -100,20 +100,21 @@ def _schedule_free_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace):
     """One update on lists of one (device, dtype) group. ``p`` holds y; ``hp`` carries the
     resolved hyperparameters plus this update's ``gamma`` and ``ckp1`` (= c); ``step`` = k+1."""
     beta1, beta2, gamma, ckp1 = hp["beta1"], hp["beta2"], hp["gamma"], hp["ckp1"]
-    bc2 = 1 - beta2**step
-    # one temporary (g², then the denominator, then d), reused in place where
+    # sqrt(v/bc2) + ε = (sqrt(v) + ε·c)/c with c = sqrt(bc2): the kernel computes d/c and
+    # folds c into the scales below (a pass fewer than dividing v by bc2)
+    c = torch.sqrt(1 - beta2**step)
+    # one temporary (g², then the denominator, then d/c), reused in place where
     # ListOps.writes_out holds
     t = ops.mul(g, g)
     v = ops.lerp(b["exp_avg_sq"], t, 1 - beta2, inplace=inplace)
-    t = ops.div(v, bc2, out=t)
-    t = ops.sqrt(t, inplace=True)
-    t = ops.add(t, hp["eps"], inplace=True)
+    t = ops.sqrt(v, out=t)
+    t = ops.add(t, hp["eps"] * c, inplace=True)
     d = ops.div(g, t, out=t)
     if decay:  # d = g/denom + λ·y: weight decay evaluated at y (before y moves)
-        d = ops.add_scaled(d, p, hp["weight_decay"], inplace=True)
+        d = ops.add_scaled(d, p, hp["weight_decay"] / c, inplace=True)
     y = ops.lerp(p, b["z"], ckp1, inplace=inplace)  # the old z
-    y = ops.add_scaled(y, d, gamma * (beta1 * (1 - ckp1) - 1), inplace=True)
-    z = ops.add_scaled(b["z"], d, -gamma, inplace=inplace)
+    y = ops.add_scaled(y, d, gamma * c * (beta1 * (1 - ckp1) - 1), inplace=True)
+    z = ops.add_scaled(b["z"], d, -gamma * c, inplace=inplace)
     return y, {"z": z, "exp_avg_sq": v}
 
 
