@@ -99,8 +99,8 @@ def _cautious_lion_measure(ops, p, g, b, hp, step):
 def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization,
                           norms=None, numels=None):
     u = _lion_direction(ops, g, b, hp)
-    # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow). The step is p − (η/s)·φ ⊙ u in one
-    # addcmul (NaN where u is, as C-Optim's)
+    # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow). The step p − (η/s)·φ ⊙ u is one addcmul
+    # of φ and u, C-Optim's product
     mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, counts=norms, n=numels)
     p = decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace,
                         scale=[1 / s for s in scale], mask=mask)
