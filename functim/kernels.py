@@ -408,9 +408,8 @@ class ListOps:
                 value: list[float] | None = None, inplace: bool = False, out=None):
         """``x + a/b``, or ``x + value·a/b`` with per-leaf Python floats ``value`` (see
         :meth:`host_values`)."""
-        if value is None:
-            return self._run("addcdiv", xs, a, b, inplace=inplace, out=out)
-        return self._run("addcdiv", xs, a, b, value, inplace=inplace, out=out)
+        return self._run("addcdiv", xs, a, b, *([] if value is None else [value]),
+                         inplace=inplace, out=out)
 
     def host_values(self, scale, n: int) -> list[float] | None:
         """``scale`` (a 0-d tensor, or a list of ``n`` per-leaf ones) as ``n`` Python floats
@@ -426,9 +425,8 @@ class ListOps:
                 value: list[float] | None = None, inplace: bool = False, out=None):
         """``x + a·b``, or ``x + value·a·b`` with per-leaf Python floats ``value`` (see
         :meth:`host_values`)."""
-        if value is None:
-            return self._run("addcmul", xs, a, b, inplace=inplace, out=out)
-        return self._run("addcmul", xs, a, b, value, inplace=inplace, out=out)
+        return self._run("addcmul", xs, a, b, *([] if value is None else [value]),
+                         inplace=inplace, out=out)
 
     def add_scaled(self, xs: TensorList, ys: TensorList, scale, *,
                    inplace: bool = False) -> TensorList:
