@@ -63,6 +63,15 @@ def adam_denominator(ops, second, scratch, hp, step):
     return ops.add(denom, hp["eps"] * c, inplace=True), c
 
 
+def decoupled_decay(ops, p, hp, *, decay, inplace):
+    """``p·(1 − η·λ)`` where ``decay`` (torch's decoupled weight decay, before the step). Returns
+    ``(p, inplace)``: once decayed, ``p`` is owned (updated in place or new), so the step that
+    follows may write into it."""
+    if not decay:
+        return p, inplace
+    return ops.mul(p, 1 - hp["lr"] * hp["weight_decay"], inplace=inplace), True
+
+
 def adaptive_step(ops, p, numer, denom, hp, scale, *, decay, inplace):
     """The Adam-family tail shared by AdamW, NAdamW, Cautious AdamW and MARS:
     ``p ← p·(1 − η·λ) + scale·numer/denom``, with ``denom`` from :func:`adam_denominator` (an
@@ -73,10 +82,7 @@ def adaptive_step(ops, p, numer, denom, hp, scale, *, decay, inplace):
     ``value`` (torch's non-capturable foreach form); where that would trace or sync (compiled,
     CUDA) it is folded into ``denom`` instead, a pass more (torch's capturable form). The two
     round differently (a few ulps)."""
-    lr = hp["lr"]
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
+    p, inplace = decoupled_decay(ops, p, hp, decay=decay, inplace=inplace)
     if ops.per_tensor:
         # differentiable path: scale the step explicitly so d/d(lr) stays finite at lr = 0
         return ops.add(p, ops.mul(ops.div(numer, denom), scale), inplace=inplace)

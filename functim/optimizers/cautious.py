@@ -45,13 +45,13 @@ def agreement(ops, direction, g, *, owned=False):
     return ops.positive(ops.mul(direction, g, out=direction if owned else None), inplace=True)
 
 
-def mask_and_scale(ops, direction, g, normalization, eps, *, owned=False, counts=None, n=None):
+def mask_and_scale(ops, direction, g, normalization, eps, *, counts=None, n=None):
     """``(φ, s)``: the mask ``φ`` (:func:`agreement`) and the per-tensor normalisation ``s`` (a
     list of 0-d tensors), ``φ̃ = φ/s``. The kernels fold ``1/s`` into their step's scale instead
     of a pass over ``φ``. ``counts`` (Σφ per tensor) and ``n`` (elements per tensor) are given
     when the leaves are stepped tile by tile (the engine's ``measure``); by default they are
     those of ``direction``."""
-    mask = agreement(ops, direction, g, owned=owned)
+    mask = agreement(ops, direction, g)
     if counts is None:
         counts = ops.norm(mask, 1.0)  # Σφ per tensor
     if n is None:

@@ -117,6 +117,7 @@ from ..kernels import (
     ListOps,
     group_by_device_and_dtype,
     has_dtensor,
+    host_floats,
     is_dtensor,
     needs_per_tensor,
 )
@@ -509,7 +510,7 @@ class Kron(Optimizer):
             coefs = list((-lr * clip).unbind())
             usub = ops.mul(usub, coefs, inplace=not ops.per_tensor)
             decay_flags = [p.ndim >= 2 for p in psub]
-            decay_on = any(decay_flags) and not _host_zero(hp["weight_decay"])
+            decay_on = any(decay_flags) and host_floats([hp["weight_decay"]]) != [0.0]
             mixed = [p.dtype != pd for p in psub]
             pw = [p.to(pd) if mx else p for p, mx in zip(psub, mixed)]
             # in place only on donated params of the working dtype (others are fresh copies)
@@ -604,15 +605,6 @@ class Kron(Optimizer):
             s = scale ** (1 / k)
             out.append([f * s.to(device=f.device, dtype=f.dtype) for f in q])
         return out
-
-
-def _host_zero(v: torch.Tensor) -> bool:
-    """True when ``v`` is known on the host to be 0 (a plain CPU tensor; never syncs)."""
-    if v.device.type != "cpu" or v.requires_grad or type(v) is not torch.Tensor:
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(v) or torch.compiler.is_compiling():
-        return False
-    return float(v) == 0.0
 
 
 def _mul(ops: ListOps, x: torch.Tensor, s: torch.Tensor, inplace: bool) -> torch.Tensor:

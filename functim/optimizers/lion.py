@@ -21,6 +21,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
+from .adamw import decoupled_decay
 
 
 def decay_then_step(ops, p, signs, hp, *, decay, inplace, scale=None, mask=None):
@@ -28,10 +29,8 @@ def decay_then_step(ops, p, signs, hp, *, decay, inplace, scale=None, mask=None)
     the step in one pass (``addcmul``); with ``mask``, ``− η·scale·(mask ⊙ signs)``, also one
     pass where the scale is a host value. ``signs`` is only read; ``mask``, an owned temporary,
     may be overwritten."""
+    p, inplace = decoupled_decay(ops, p, hp, decay=decay, inplace=inplace)
     lr = hp["lr"]
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
     step = -lr if scale is None else [-lr * s for s in scale]
     if mask is None:
         return ops.add_scaled(p, signs, step, inplace=inplace)

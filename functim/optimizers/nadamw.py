@@ -31,7 +31,7 @@ import torch
 
 from ..base import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
-from .adamw import adam_denominator, adaptive_step, second_moment
+from .adamw import adam_denominator, adaptive_step, decoupled_decay, second_moment
 
 VARIANTS = ("optax", "torch", "timm")
 
@@ -69,9 +69,7 @@ def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
         return p, {"exp_avg": m, **new_b}
     # no temporary for a·g + b·m: two steps through the one denominator,
     # p ← p·(1 − η·λ) + g/(denom/(−η·c·a)) + m/(denom/(−η·c·b))
-    if decay:
-        p = ops.mul(p, 1 - lr * hp["weight_decay"], inplace=inplace)
-        inplace = True
+    p, inplace = decoupled_decay(ops, p, hp, decay=decay, inplace=inplace)
     scale_g, scale_m = -lr * c * coef_g, -lr * c * coef_m
     values_g, values_m = ops.host_values(scale_g, len(p)), ops.host_values(scale_m, len(p))
     if values_g is not None and values_m is not None:  # (CPU scalars, eager: see adaptive_step)

@@ -59,7 +59,7 @@ from ..hyperparams import (
     check_betas,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor, under_torch_func
+from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
 
 NAME = "schedule_free_adamw"
 BUFFERS = ("z", "exp_avg_sq")
@@ -234,25 +234,17 @@ class ScheduleFreeOptimizer(Optimizer):
         gamma, ckp1, lr_max, weight_sum = _schedule_free_scalars(
             hp, step, state["lr_max"], state["weight_sum"])
         decay = self._engine._decay_flags(params, p_leaves, spec)
+        # λ on the host (where reading it is free) lets λ = 0 skip its pass over the params
+        host_wd = self._engine._host_hparams({"weight_decay": hp["weight_decay"]})
         new_p, new_bufs = self._engine.step_leaves(
             p_leaves, g_leaves, bufs, {**hp, "gamma": gamma, "ckp1": ckp1}, step + 1, decay,
-            donate=donate, host_hp=_host_weight_decay(hp["weight_decay"]), fused=False)
+            donate=donate, host_hp=host_wd, fused=False)
         new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
         for b in BUFFERS:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
         new_state["lr_max"] = lr_max
         new_state["weight_sum"] = weight_sum
         return _tree.unflatten(spec, new_p), new_state
-
-
-def _host_weight_decay(wd: torch.Tensor) -> dict[str, float] | None:
-    """``{"weight_decay": value}`` when reading it costs no sync and no trace (a plain CPU tensor,
-    eager, outside torch.func and autograd), so that λ = 0 skips its pass over the params."""
-    if under_torch_func() or torch.compiler.is_compiling():
-        return None
-    if wd.device.type != "cpu" or wd.requires_grad or type(wd) is not torch.Tensor:
-        return None
-    return {"weight_decay": float(wd)}
 
 
 def schedule_free_adamw(
