@@ -87,6 +87,15 @@ held to then come from one process and the same minutes (the probe alone has rea
 (torch's foreach AdamW is not paired: tried, it took two to four times as long between other
 work as alone, and slowed the steps it was interleaved with.)
 
+``--interleaved``: at the end, one more worker steps every eager row (SOAP excepted) on its own
+params in one process, one step each per round, the order reversed from round to round, and
+prints each row's step over ``ft.adamw(fused=False)``'s step of the same round (median over
+``--steps`` rounds) next to ``bytes/param / 28``: how the row compares with an AdamW step that
+has the same kernels, steadier than times taken in separate processes. torch's foreach AdamW
+cannot serve as that yardstick: between other work it runs two to three times slower than
+alone (so this table does not replace the eager target; with functim's AdamW as fast as
+torch's, a row within ``bytes/param / 28`` meets it). About 2 GB per row.
+
 Columns of the ``--optimizers`` table:
 
 - ``bytes/param``: the least memory traffic of one float32 step per parameter, from the
@@ -96,7 +105,12 @@ Columns of the ``--optimizers`` table:
 - ``eager ms`` / ``compiled ms``: median per-step time over the timed steps;
 - ``eager x fused``: eager ms / ``torch.optim.AdamW(fused=True)`` ms;
 - ``eager target``: ``torch.optim.AdamW(foreach=True)`` ms x bytes/param / 28 (torch's foreach
-  AdamW's time scaled to this optimizer's traffic); met when ``eager ms`` is at most that;
+  AdamW's time scaled to this optimizer's traffic); met when ``eager ms`` is at most that.
+  With ``--bracket`` (the default) the torch time is the faster of two runs of it made just
+  before and just after the row's eager runs (one run serves two neighbouring rows when nothing
+  ran in between): torch's foreach AdamW alone has taken from 156 to 231 ms per step within one
+  run on this machine, so a row held to a reference timed many minutes away passes or fails
+  with the minute it was timed in. ``--no-bracket``: the run's start/end references;
 - ``floor ms``: bytes/param x n_params / the probe's GB/s (the time to move the bytes at the
   measured bandwidth); ``compiled/floor``: target at most 1.5;
 - ``state x params``: bytes of every tensor in ``opt.init_state(params)`` except 0-d scalars
@@ -689,6 +703,63 @@ def run_opt_worker(name: str, mode: str, steps: int, warmup: int,
     return res
 
 
+INTERLEAVED_BASE = "adamw"  # ft.adamw(fused=False): the rows' in-process yardstick
+
+
+def run_interleaved_worker(names: list[str], rounds: int, warmup: int) -> dict:
+    """Every optimizer in ``names`` (and :data:`INTERLEAVED_BASE`) on its own copy of case A's
+    params in this one process, eager and donated, stepped in ``rounds`` rounds of one step
+    each, the order reversed from one round to the next; per optimizer the median step and the
+    median over rounds of its step / the base's step of the same round. Within one round every
+    optimizer meets the same machine, so the ratios hold still where separate processes move by
+    tens of percent. (torch's foreach AdamW cannot be the base: between other work it runs two
+    to three times slower than alone, see ``--paired``.)"""
+    shapes = case_shapes("A")
+    grads = random_tensors(shapes, GRAD_SEED, 1e-3)
+    names = [INTERLEAVED_BASE] + [n for n in names if n != INTERLEAVED_BASE]
+    boxes = {}
+    for name in names:
+        opt = make_optimizer(name)
+        params = random_tensors(shapes, PARAM_SEED, 0.02)
+        boxes[name] = [opt, params, opt.init_state(params)]
+
+    def step(name: str) -> None:
+        box = boxes[name]
+        box[1], box[2] = box[0].update(box[1], grads, box[2], donate=True)
+
+    for _ in range(max(warmup, 1)):
+        for name in names:
+            step(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - t0)
+    base = times[INTERLEAVED_BASE]
+    return {"rounds": rounds, "threads": torch.get_num_threads(),
+            "rows": {name: {"median_ms": statistics.median(t) * 1e3,
+                            "ratio": statistics.median([a / b for a, b in zip(t, base)])}
+                     for name, t in times.items()}}
+
+
+def interleaved_table(res: dict) -> str:
+    header = ["optimizer", "bytes/param", "eager ms", "x ft.adamw(fused=False)",
+              "bytes/param / 28", "within"]
+    rows = []
+    for name, r in res["rows"].items():
+        spec = OPTIMIZERS[name]
+        allowed = spec.bytes / 28
+        rows.append([name, str(spec.bytes), f"{r['median_ms']:.1f}", f"{r['ratio']:.3f}",
+                     f"{allowed:.3f}", "yes" if r["ratio"] <= allowed else "NO"])
+    return (f"Interleaved: one process, {res['rounds']} rounds of one eager step of every row "
+            "(order reversed each round); x ft.adamw(fused=False) = median over rounds of the "
+            "row's step / ft.adamw(fused=False)'s step in the same round. A row within "
+            "bytes/param / 28 meets its eager target wherever functim's AdamW kernel is as fast "
+            "as torch's foreach AdamW (compare the two in the table above).\n\n"
+            + markdown_table(rows, header, n_left=1))
+
+
 # (name, bytes per element counted, op): copy_ counts its read and its write (8 bytes), as the
 # bytes/param formulas do; add_ reads dst and src and writes dst (12 bytes), the read-modify-write
 # pattern of an in-place optimizer step (a plain store like copy_'s may also read the destination
@@ -741,6 +812,19 @@ def measure_references(steps: int, warmup: int, threads: int | None, when: str) 
                   f"{'fused' if 'fused' in impl else 'foreach'})  [load {load_average()}]",
                   flush=True)
     return out
+
+
+def foreach_reference(steps: int, warmup: int, threads: int | None, label: str) -> dict:
+    """One ``torch.optim.AdamW(foreach=True)`` worker on case A (an eager row's bracket, see
+    ``--bracket``); printed as it comes."""
+    r = spawn_worker(["--worker", "--case", "A", "--impl", "torch-foreach", "--steps",
+                      str(steps), "--warmup", str(warmup)], threads)
+    if "error" in r:
+        print(f"  {'torch-foreach':<16} {label:<8} FAILED: {r['error']}", flush=True)
+    else:
+        print(f"  {'torch-foreach':<16} {label:<8} median {r['median_ms']:8.1f} ms  min "
+              f"{r['min_ms']:8.1f} ms  [load {load_average()}]", flush=True)
+    return r
 
 
 def _best(runs: list[dict], key: str, pick=min) -> float | None:
@@ -834,6 +918,10 @@ def optimizers_main(args) -> int:
 
     results: dict[tuple[str, str], dict] = {}
     missing: dict[str, str] = {}
+    # --bracket: torch's foreach AdamW just before and just after each row's eager workers (one
+    # run serves two neighbouring rows when nothing else ran in between)
+    brackets: dict[str, list[dict]] = {}
+    last_ref: dict | None = None
     cold = {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"} if args.cold_compile else {}
     for name in names:
         why = availability(name)
@@ -843,6 +931,8 @@ def optimizers_main(args) -> int:
             continue
         modes = ["eager"] + (["compiled"] if args.compile else [])
         for mode in modes:
+            if mode == "eager" and args.bracket:
+                before = last_ref or foreach_reference(steps, warmup, args.threads, "before")
             # eager: the better of --eager-runs fresh processes, as for the torch references
             for _ in range(args.eager_runs if mode == "eager" else 1):
                 r = spawn_worker(["--opt-worker", name, "--opt-mode", mode, "--steps",
@@ -867,7 +957,19 @@ def optimizers_main(args) -> int:
                       f"{r['min_ms']:8.1f} ms  step peak dRSS {r['peak_mb']:5.0f} MB  state x "
                       f"params {r['state_x_params']:.3f}{extra}  [load {load_average()}]",
                       flush=True)
+            if mode == "eager" and args.bracket:
+                last_ref = foreach_reference(steps, warmup, args.threads, "after")
+                brackets[name] = [before, last_ref]
+            else:
+                last_ref = None
     ref_runs.append(measure_references(steps, warmup, args.threads, "end"))
+    interleaved = None
+    if args.interleaved:
+        rows = [n for n in names if n not in missing and n != "soap"]
+        print(f"  interleaved: {', '.join(rows)} in one process ...", flush=True)
+        interleaved = spawn_worker(["--interleaved-worker", ",".join(rows), "--steps",
+                                    str(steps), "--warmup", str(warmup)], args.threads,
+                                   timeout=OPT_WORKER_TIMEOUT_S)
 
     print(f"\nload average after the run (1/5/15 min): {load_average()}")
     version_after = source_version()
@@ -883,6 +985,9 @@ def optimizers_main(args) -> int:
           f"{_ms(foreach) or 'failed'} ms, (fused=True) {_ms(fused) or 'failed'} ms; "
           f"bandwidth {'failed' if gbps is None else f'{gbps:.2f} GB/s'} "
           "(the higher of copy_ at 8 and add_ at 12 bytes/elem)")
+    if args.bracket:
+        print("Eager targets: from the torch foreach AdamW runs just before and after each row's "
+              "eager runs (the faster of the two; see the details table), not from the above")
 
     header = ["optimizer", "bytes/param", "eager ms", "eager x fused-AdamW",
               "eager target ms (met)", "compiled ms", "floor ms", "compiled/floor (<=1.5)",
@@ -899,7 +1004,9 @@ def optimizers_main(args) -> int:
         e_ok = "error" not in e
         c_ok = c is not None and "error" not in c
         floor = None if gbps is None else spec.bytes * numel / (gbps * 1e9) * 1e3
-        target = None if foreach is None else foreach * spec.bytes / 28
+        local = _best(brackets.get(name, []), "median_ms")
+        reference = local if args.bracket else foreach
+        target = None if reference is None else reference * spec.bytes / 28
         cells = [name, str(spec.bytes)]
         if e_ok:
             cells += [f"{e['median_ms']:.1f}",
@@ -932,6 +1039,8 @@ def optimizers_main(args) -> int:
             name, spec.build if not spec.module else
             f"{spec.module.split(':')[0]}.{spec.build}",
             spec.bytes_formula,
+            " / ".join("failed" if "error" in r else f"{r['median_ms']:.1f}"
+                       for r in brackets.get(name, [])),
             f"{e['min_ms']:.1f}" if e_ok else "",
             f"{e['peak_mb']:.0f}" if e_ok else "",
             "" if not c_ok else c["form"] + (" (in place)" if c["in_place"] else
@@ -948,12 +1057,18 @@ def optimizers_main(args) -> int:
           "temporaries and, on a pure path, the new params and state); the compiled call (the "
           "first form that worked; 'new tensors' = its outputs are not the input tensors); the "
           "first compiled call (compile + 1 step, excluded from ms/step); dynamo graphs.\n")
-    dheader = ["optimizer", "constructor", "bytes/param formula", "eager min ms",
+    dheader = ["optimizer", "constructor", "bytes/param formula", "torch foreach ms (bracket)",
+               "eager min ms",
                "eager step peak MB", "compiled form", "compile s", "graphs", "compiled min ms",
                "compiled x fused-AdamW", "compiled step peak MB"]
-    print(markdown_table(details, dheader, n_left=3))
+    print(markdown_table(details, dheader, n_left=4))
     if args.paired:
         print("\n" + paired_table(names, results, numel, steps))
+    if interleaved is not None:
+        if "error" in interleaved:
+            print(f"\ninterleaved worker failed: {interleaved['error']}")
+        else:
+            print("\n" + interleaved_table(interleaved))
     for name in names:
         c = results.get((name, "compiled"))
         if c and "error" not in c and c.get("compile_failures"):
@@ -966,7 +1081,11 @@ def optimizers_main(args) -> int:
         print("WARNING: different result: " + w)
     failed = [(k, r) for k, r in list(results.items())
               + [((k, when), r) for when, refs in zip(("start", "end"), ref_runs)
-                 for k, r in refs.items()] if "error" in r]
+                 for k, r in refs.items()]
+              + list({id(r): (("torch-foreach", f"bracket of {n}"), r)
+                      for n, rs in brackets.items() for r in rs}.values())
+              + ([(("interleaved", "worker"), interleaved)] if interleaved else [])
+              if "error" in r]
     for (name, mode), r in failed:
         print(f"\n{name} {mode} failed; worker stderr:\n{r.get('stderr', '').rstrip()[-4000:]}")
     return 1 if failed else 0
@@ -994,6 +1113,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
                     help="--optimizers: also time each optimizer in turn with the bandwidth "
                          "probe in its own process (the paired table)")
+    ap.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
+                    help="--optimizers: time torch's foreach AdamW just before and after each "
+                         "row's eager runs; the row's eager target comes from those two")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="--optimizers: also step every eager row (but SOAP) in one process, "
+                         "in turn with ft.adamw(fused=False), and print each row's time over "
+                         "that one's (needs about 2 GB per row)")
     ap.add_argument("--eager-runs", type=int, default=2,
                     help="--optimizers: fresh worker processes per eager row; the row keeps "
                          "the faster (default 2, like the start/end torch references)")
@@ -1006,12 +1132,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opt-mode", choices=("eager", "compiled"), default="eager",
                     help=argparse.SUPPRESS)
     ap.add_argument("--bw-probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.opt_worker or args.bw_probe:
+    if args.opt_worker or args.bw_probe or args.interleaved_worker:
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.bw_probe:
+        if args.interleaved_worker:
+            res = run_interleaved_worker(args.interleaved_worker.split(","), args.steps,
+                                         args.warmup)
+        elif args.bw_probe:
             res = run_bandwidth_probe(n_params(case_shapes("A")))
         else:
             res = run_opt_worker(args.opt_worker, args.opt_mode, args.steps, args.warmup,
