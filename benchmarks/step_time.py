@@ -108,7 +108,7 @@ Columns of the ``--optimizers`` table:
   AdamW's time scaled to this optimizer's traffic); met when ``eager ms`` is at most that.
   With ``--bracket`` (the default) the torch time is the faster of two runs of it made just
   before and just after the row's eager runs (one run serves two neighbouring rows when nothing
-  ran in between): torch's foreach AdamW alone has taken from 156 to 231 ms per step within one
+  ran in between): torch's foreach AdamW alone has taken from 164 to 361 ms per step within one
   run on this machine, so a row held to a reference timed many minutes away passes or fails
   with the minute it was timed in. ``--no-bracket``: the run's start/end references;
 - ``floor ms``: bytes/param x n_params / the probe's GB/s (the time to move the bytes at the
