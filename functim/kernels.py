@@ -326,14 +326,14 @@ class ListOps:
             # one 0-d tensor for every leaf, as a list: torch's CPU _foreach_mul_(xs, tensor)
             # runs several times slower than _foreach_mul_(xs, [tensor, ...])
             args = tuple([a] * len(xs) if isinstance(a, torch.Tensor) else a for a in args)
-        if inplace or out is xs:
+        target = self._target(xs, inplace, out)
+        if target is xs:
             getattr(torch, f"_foreach_{name}_")(xs, *map(compiled_scalars, args))
             return xs
-        if (out is not None or self.scratch is not None) and self.writes_out(xs):
-            out = self.scratch.take(xs) if out is None else out
-            for i, (x, o) in enumerate(zip(xs, out)):
+        if target is not None:
+            for i, (x, o) in enumerate(zip(xs, target)):
                 _per_tensor_call(name, x, _per_elem(args, i), out=o)
-            return out
+            return target
         if name in _NO_DTENSOR_OUT_OF_PLACE and is_dtensor(xs[0]):
             # DTensor (torch 2.13) has a sharding strategy for _foreach_addcdiv_ but none for the
             # out-of-place _foreach_addcdiv: the same maths, in place on a copy
@@ -341,6 +341,15 @@ class ListOps:
             getattr(torch, f"_foreach_{name}_")(xs, *args)
             return xs
         return list(getattr(torch, f"_foreach_{name}")(xs, *map(compiled_scalars, args)))
+
+    def _target(self, xs: TensorList, inplace: bool, out: TensorList | None) -> TensorList | None:
+        """Where an op on the multi-tensor path writes its result: ``xs`` itself (in place),
+        ``out`` or a scratch tensor (where :meth:`writes_out` holds), or None (new tensors)."""
+        if inplace or out is xs:
+            return xs
+        if (out is not None or self.scratch is not None) and self.writes_out(xs):
+            return self.scratch.take(xs) if out is None else out
+        return None
 
     def writes_out(self, xs: TensorList) -> bool:
         """Whether an op given ``out=`` writes its result into those tensors (else it returns a
@@ -450,11 +459,8 @@ class ListOps:
         fuses."""
         plain = not (self.per_tensor or not xs or is_dtensor(xs[0])
                      or torch.compiler.is_compiling())
-        if plain and (inplace or out is xs):
-            target = xs
-        elif plain and (out is not None or self.scratch is not None) and self.writes_out(xs):
-            target = self.scratch.take(xs) if out is None else out
-        else:
+        target = self._target(xs, inplace, out) if plain else None
+        if target is None:
             return [(x > 0).to(x.dtype) for x in xs]
         for x, o in zip(xs, target):
             torch.gt(x, 0, out=o)
