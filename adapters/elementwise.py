@@ -62,6 +62,10 @@ class NAdamW(NamedAdapter):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          variant=variant, momentum_decay=momentum_decay,
                          state_dtype=state_dtype, weight_decay_mask=weight_decay_mask)
+        for g in self.param_groups:
+            # torch.optim.NAdam's key for this (its default is False, an L2 decay), so that
+            # torch.optim.NAdam steps a state dict of this optimizer as it would
+            g.setdefault("decoupled_weight_decay", True)
 
 
 class CautiousAdamW(NamedAdapter):

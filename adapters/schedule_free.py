@@ -118,6 +118,7 @@ class ScheduleFreeAdamW(NamedAdapter):
     # -- step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_compilable()
         for gi, group in enumerate(self.param_groups):
             if not group[MODE_KEY]:
                 raise RuntimeError(

@@ -105,8 +105,12 @@ class Sophia(NamedAdapter):
             self.state[p][RNG] = self._rng
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._rng = None  # take the loaded key (then shared again by _init_group_state)
-        super().load_state_dict(state_dict)
+        rng, self._rng = self._rng, None  # take the loaded key (shared by _init_group_state)
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self._rng = rng
+            raise
 
     @property
     def rng(self) -> torch.Tensor:

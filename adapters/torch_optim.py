@@ -20,6 +20,7 @@ Per-parameter state layout:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -31,6 +32,15 @@ from functim.base import ElementwiseOptimizer
 from functim.hyperparams import HPARAM_DTYPE, HPARAMS_KEY, check_hyperparam, get_hyperparams
 
 _STATIC_KEYS = ("params", "param_names", "initial_lr")
+# torch.optim's execution flags: a loaded param group may carry them (torch.optim checkpoints do);
+# functim chooses its execution itself, so they are dropped unless this optimizer's groups have
+# the key too
+_TORCH_FLAGS = ("foreach", "capturable", "differentiable", "decoupled_weight_decay")
+# torch.optim options that some functim optimizers do not take, at the value where they change
+# nothing: dropped from a loaded param group whose optimizer does not take them
+_TORCH_NOOP_OPTIONS = {"maximize": False, "amsgrad": False}
+# keys a loaded param group may have that a fresh one need not (set by LR schedulers, torch)
+_LOADABLE_EXTRA_KEYS = ("params", "param_names", "initial_lr", "fused")
 
 
 def _named_param_groups(params: Any) -> list[dict]:
@@ -165,28 +175,193 @@ class FunctimOptimizer(torch.optim.Optimizer):
             for p in params:
                 self.state[p].setdefault(path, t.clone())
 
+    def _state_template(self, gi: int, group: dict, opt: ft.Optimizer) -> list[dict]:
+        """Per param of the group: ``{state key: tensor}`` of a complete state, built on the meta
+        device (shapes and dtypes only, no memory). What a loaded state is checked against."""
+        tree = {n: torch.empty_like(p, device="meta")
+                for n, p in zip(self._names(gi, group), group["params"])}
+        st = opt.init_state(tree)
+        out: dict[str, dict] = {n: {} for n in tree}
+        if isinstance(opt, ElementwiseOptimizer):
+            for name in tree:
+                out[name] = {b: st[b][name] for b in opt.buffer_names}
+                out[name]["step"] = torch.zeros((), dtype=torch.float32, device="meta")
+                out[name].update({k: st[k] for k in opt.scalars})
+        else:
+            layout = _Layout(st, tree)
+            for key, name, t in layout.buffer_entries(st):
+                out[name][key] = t
+            for path, t in layout.scalars(st).items():
+                for name in tree:
+                    out[name][path] = t
+        return list(out.values())
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``, with one tensor per param for every state entry: tensors
+        that params share here (a step count or other scalar kept once for the params that
+        step together) are copied for each, so torch.optim, which increments each param's
+        ``step`` in place, loads and continues it exactly."""
+        sd = super().state_dict()
+        seen: set[int] = set()
+        for pid, entry in sd["state"].items():
+            copied = dict(entry)
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor):
+                    if id(v) in seen:
+                        copied[k] = v.clone()
+                    seen.add(id(v))
+            sd["state"][pid] = copied
+        return sd
+
+    # -- loading a state dict --------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype (float32 moments of a bfloat16 param
-        # would become bfloat16) and moves it to the param's device; put back the saved tensors
-        # with their own dtype, and keep on the CPU the scalars the functional state keeps there
-        # (host-read counters: on the param's device each read would be a sync)
-        saved = state_dict["state"]
-        for gi, (saved_group, group) in enumerate(zip(state_dict["param_groups"],
-                                                      self.param_groups)):
-            opt = self._group_optimizer(group)
-            on_cpu = (set() if isinstance(opt, ElementwiseOptimizer)
-                      else self._layout(gi, group, opt).cpu_scalars)
-            for pid, p in zip(saved_group["params"], group["params"]):
-                for k, v in saved.get(pid, {}).items():
-                    if isinstance(v, torch.Tensor) and k != "step":
-                        self.state[p][k] = v.to(device="cpu" if k in on_cpu else p.device)
-        self._caches.clear()
-        self._init_all_state()
+        """torch's ``load_state_dict`` after checking the whole state dict against this
+        optimizer (groups, options, every state entry's keys, shapes and dtypes): an
+        incompatible one raises a ValueError naming the first problem and changes nothing.
+
+        A checkpoint of ``torch.optim.AdamW``/``SGD``/``NAdam`` (decoupled weight decay) loads
+        into the matching adapter: torch's execution flags (``foreach``, ``capturable``,
+        ``differentiable``, ``decoupled_weight_decay``) are dropped, options it lacks (functim's
+        own, such as ``state_dtype``, or ``maximize`` in old checkpoints) keep this optimizer's
+        values, a float ``step`` (torch < 1.12) becomes a tensor, and a missing ``step`` (torch's
+        SGD keeps none) is 1 where the param has state (it has stepped) and 0 otherwise.
+        Buffers keep their saved dtype and take the param's device and memory layout."""
+        groups, entries = self._checked_state_dict(state_dict)
+        saved = (self.param_groups, self.state, dict(self._caches))
+        try:
+            super().load_state_dict({"state": {}, "param_groups": groups})
+            for (gi, group), group_entries in zip(enumerate(self.param_groups), entries):
+                self._place_loaded_state(gi, group, group_entries)
+            self._caches.clear()
+            self._init_all_state()
+        except BaseException:
+            self.param_groups, self.state = saved[0], saved[1]
+            self._caches = saved[2]
+            raise
+
+    def _checked_state_dict(self, state_dict: Any) -> tuple[list[dict], list[list]]:
+        """(normalised param groups, per group the saved state entry of each param or None),
+        after every check; raises ValueError on the first problem."""
+        cls = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(
+                state_dict):
+            raise ValueError(f"{cls}.load_state_dict: expected a dict with 'state' and "
+                             "'param_groups' (made by state_dict()), got "
+                             + (f"keys {sorted(state_dict)}" if isinstance(state_dict, Mapping)
+                                else type(state_dict).__name__))
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{cls}.load_state_dict: the state dict has {len(saved_groups)} "
+                             f"param groups, this optimizer {len(self.param_groups)}")
+        groups, entries = [], []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{cls}.load_state_dict: param group {gi} of the state dict "
+                                 f"has {len(saved['params'])} params, this optimizer's "
+                                 f"{len(group['params'])}")
+            new = self._loaded_group(gi, saved, group)
+            opt = self._group_optimizer(new)
+            template = self._state_template(gi, group, opt)
+            names = self._names(gi, group)
+            found = []
+            for pid, p, name, want in zip(saved["params"], group["params"], names, template):
+                entry = saved_state.get(pid)
+                if entry is not None:
+                    self._check_entry(opt, name, p, entry, want)
+                found.append(entry)
+            groups.append(new)
+            entries.append(found)
+        return groups, entries
+
+    def _loaded_group(self, gi: int, saved: Mapping, group: dict) -> dict:
+        """A saved param group in this optimizer's terms (see :meth:`load_state_dict`),
+        checked by building its functional optimizer."""
+        cls = type(self).__name__
+        if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay", 0) != 0:
+            raise ValueError(f"{cls}.load_state_dict: param group {gi} of the state dict has an "
+                             "L2 (coupled) weight decay, decoupled_weight_decay=False; "
+                             f"{cls}'s weight decay is decoupled")
+        new = {k: v for k, v in saved.items() if k in group or not (
+            k in _TORCH_FLAGS or (k in _TORCH_NOOP_OPTIONS and v == _TORCH_NOOP_OPTIONS[k]))}
+        for k, v in group.items():
+            new.setdefault(k, v)
+        if "decoupled_weight_decay" in group:  # (this optimizer's weight decay is decoupled)
+            new["decoupled_weight_decay"] = True
+        unknown = sorted(set(new) - set(group) - set(_LOADABLE_EXTRA_KEYS))
+        if unknown:
+            raise ValueError(f"{cls}.load_state_dict: param group {gi} of the state dict has "
+                             f"option {unknown[0]!r}, which {cls} does not take")
+        try:
+            self._validate_group(new)
+        except TypeError as e:
+            raise ValueError(f"{cls}.load_state_dict: param group {gi}: {e}") from None
+        return new
+
+    def _check_entry(self, opt: ft.Optimizer, name: str, p: torch.Tensor, entry: Any,
+                     want: dict) -> None:
+        """One param's saved state against the template ``want`` (see :meth:`_state_template`)."""
+        cls = type(self).__name__
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{cls}.load_state_dict: the state of param {name!r} must be a "
+                             f"dict, got {type(entry).__name__}")
+        elementwise = isinstance(opt, ElementwiseOptimizer)
+        for key, v in entry.items():
+            t = want.get(key)
+            if t is None:
+                if key in self.state[p]:  # a key of the adapter's own (e.g. Sophia's RNG key)
+                    continue
+                raise ValueError(f"{cls}.load_state_dict: the state of param {name!r} has "
+                                 f"{key!r}, which {opt.name} does not keep (was it saved by "
+                                 "another optimizer?)")
+            if t.ndim == 0 and isinstance(v, (int, float)) and not isinstance(v, bool):
+                continue  # a plain number for a scalar (torch < 1.12 saved step as a float)
+            where = f"state[{key!r}] of param {name!r}"
+            if not isinstance(v, torch.Tensor) or v.shape != t.shape:
+                like = " like the param" if t.shape == p.shape and t.ndim else ""
+                raise ValueError(f"{cls}.load_state_dict: {where} is {_tree.describe_leaf(v)}, "
+                                 f"expected shape {tuple(t.shape)}{like}")
+            if v.is_floating_point() != t.is_floating_point() or (
+                    not t.is_floating_point() and v.dtype != t.dtype):
+                kind = "floating-point" if t.is_floating_point() else str(t.dtype)
+                raise ValueError(f"{cls}.load_state_dict: {where} is {v.dtype}, expected a "
+                                 f"{kind} tensor")
+        missing = [k for k in want if k not in entry and not (elementwise and k == "step")]
+        if missing:
+            raise ValueError(f"{cls}.load_state_dict: the state of param {name!r} has no "
+                             f"{missing[0]!r} (was it saved by another optimizer?)")
+
+    def _place_loaded_state(self, gi: int, group: dict, entries: list) -> None:
+        """Put the checked saved tensors in ``self.state``: buffers with their saved dtype on
+        the param's device, in the param's memory layout (so torch's fused kernels still
+        apply); scalars in the functional state's dtype, on the CPU where it keeps them there
+        (host-read counters: on the param's device each read would be a sync)."""
+        opt = self._group_optimizer(group)
+        elementwise = isinstance(opt, ElementwiseOptimizer)
+        template = self._state_template(gi, group, opt)
+        on_cpu = set() if elementwise else self._layout(gi, group, opt).cpu_scalars
+        for p, entry, want in zip(group["params"], entries, template):
+            self.state[p] = {}
+            if entry is None:
+                continue
+            for key, v in entry.items():
+                t = want.get(key)
+                device = torch.device("cpu") if key in on_cpu or (
+                    elementwise and key == "step") else p.device
+                if t is None:
+                    self.state[p][key] = v
+                elif t.ndim == 0:
+                    dtype = t.dtype if t.is_floating_point() else v.dtype
+                    self.state[p][key] = torch.as_tensor(v).to(device=device, dtype=dtype)
+                else:
+                    self.state[p][key] = _like_param(v, p, device)
+            if elementwise and "step" not in entry:
+                stepped = any(k in entry for k in opt.buffer_names)
+                self.state[p]["step"] = torch.tensor(float(stepped), dtype=torch.float32)
 
     # -- step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
+        self._check_compilable()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -198,6 +373,15 @@ class FunctimOptimizer(torch.optim.Optimizer):
             else:
                 self._step_generic(gi, group, opt)
         return loss
+
+    def _check_compilable(self) -> None:
+        """Under ``torch.compile(opt.step)``: the elementwise optimizers' steps compile (their
+        kernels are traced; torch's fused kernels are not used there); any other optimizer's
+        step raises, saying what to do instead, before anything is written."""
+        if torch.compiler.is_compiling() and not all(
+                isinstance(self._group_optimizer(g), ElementwiseOptimizer)
+                for g in self.param_groups):
+            _refuse_compile(type(self).__name__)
 
     def _use_fused(self, group: dict) -> bool:
         fused = group.get("fused", self._fused_default)
@@ -213,27 +397,21 @@ class FunctimOptimizer(torch.optim.Optimizer):
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError(f"{opt.name}: sparse gradients are not supported")
-        key = tuple(g is not None for g in grads) if any(g is None for g in grads) else None
-        cache = self._caches.get(gi)
-        if cache is None or cache["key"] != key:
-            cache = self._build_cache(gi, group, opt, grads, key)
+        cache = self._elementwise_cache(gi, group, opt, grads)
+        replaced = False
         host = self._group_hparams(group)
         fused = self._use_fused(group)
+        host_hp = None if any(isinstance(v, torch.Tensor) for v in host.values()) else host
+        # fresh 0-d tensors each step: under torch.compile, filling cached ones in place is
+        # not carried out (torch 2.13), and the step trains with lr = β = 0
+        hp = {k: v.to(dtype=HPARAM_DTYPE) if isinstance(v, torch.Tensor) else
+              torch.tensor(v, dtype=HPARAM_DTYPE, device=cache["device"]) for k, v in host.items()}
         for sub in cache["subgroups"]:
-            hp = sub["hp"]
-            for k, v in host.items():
-                if isinstance(v, torch.Tensor):
-                    hp[k] = v.to(dtype=HPARAM_DTYPE)
-                else:
-                    hp[k].fill_(v)
-            sub_grads = [grads[i] for i in sub["index"]]
-            sub["step_t"].fill_(sub["step"] + 1)
+            sub["step_t"].add_(1)
             kernel_hp, new_scalars = opt.prepare_scalars(hp, sub["step_t"], sub["scalars"])
             new_p, new_b = opt.step_leaves(
-                sub["params"], sub_grads, sub["buffers"], kernel_hp, sub["step_t"], sub["decay"],
-                donate=True, host_hp=None if any(isinstance(v, torch.Tensor) for v in
-                                                 host.values()) else host,
-                fused=fused)
+                sub["params"], [grads[i] for i in sub["index"]], sub["buffers"], kernel_hp,
+                sub["step_t"], sub["decay"], donate=True, host_hp=host_hp, fused=fused)
             for p, q in zip(sub["params"], new_p):
                 if q is not p:
                     p.copy_(q)
@@ -241,16 +419,55 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 for p, old, new in zip(sub["params"], sub["buffers"][b], lst):
                     if new is not old:
                         self.state[p][b] = new
+                        replaced = True
                 sub["buffers"][b] = lst
-            sub["step"] += 1
-            sub["step_shared"].fill_(sub["step"])
+            sub["step_shared"].add_(1)
             for name, value in new_scalars.items():
-                sub["scalars"][name].copy_(value)
+                sub["scalars"][name] = value  # (new tensors, as hp above)
+                torch._foreach_copy_(sub["scalar_copies"][name], [value] * len(sub["params"]))
+        if replaced:
+            cache["entries"] = self._state_entries(cache)
 
+    def _elementwise_cache(self, gi, group, opt, grads) -> dict:
+        """The group's cached plan, rebuilt (and re-checked) when which params have grads, or
+        any state tensor of theirs, is not what it was built for."""
+        key = tuple(g is not None for g in grads)
+        cache = self._caches.get(gi)
+        if cache is None or cache["key"] != key or not self._same_state(cache["entries"]):
+            cache = self._build_cache(gi, group, opt, grads, key)
+        return cache
+
+    def _same_state(self, entries: tuple) -> bool:
+        """Whether ``self.state`` still holds, for each param of the plan, the same state dict
+        with the same tensors (``entries``: see :meth:`_state_entries`). Paid at every step, so
+        the loops run in C, and each param is hashed once."""
+        params, dicts, entry_dicts, keys, tensors = entries
+        return (all(map(operator.is_, map(self.state.__getitem__, params), dicts))
+                and all(map(operator.is_, map(dict.__getitem__, entry_dicts, keys), tensors)))
+
+    def _state_entries(self, cache: dict) -> tuple:
+        """``(params, their state dicts, and parallel lists of (state dict, key, tensor) for
+        every state tensor the cached plan uses)``."""
+        params = [p for sub in cache["subgroups"] for p in sub["params"]]
+        dicts = [self.state[p] for p in params]
+        entry_dicts, keys, tensors = [], [], []
+        for sub in cache["subgroups"]:
+            sub_dicts = [self.state[p] for p in sub["params"]]
+            named = {"step": [sub["step_shared"]] * len(sub["params"]), **sub["buffers"],
+                     **sub["scalar_copies"]}
+            for k, lst in named.items():
+                entry_dicts += sub_dicts
+                keys += [k] * len(lst)
+                tensors += lst
+        return params, dicts, entry_dicts, keys, tensors
+
+    @torch._dynamo.disable
     def _build_cache(self, gi, group, opt, grads, key):
         params = group["params"]
         names = self._names(gi, group)
         active = [i for i, g in enumerate(grads) if g is not None]
+        self._check_elementwise_state(opt, [names[i] for i in active],
+                                      [params[i] for i in active], [grads[i] for i in active])
         tree = dict(zip(names, params))
         # decay_flags pairs paths with leaves in the tree's flatten order (sorted dict keys), not
         # in named_parameters() order: map the flags back by name
@@ -258,34 +475,47 @@ class FunctimOptimizer(torch.optim.Optimizer):
         by_name = dict(zip(_tree.paths(tree),
                            ft.base.decay_flags(opt.weight_decay_mask, tree, flat, None)))
         decay_all = [by_name[n] for n in names]
-        steps = [self.state[params[i]]["step"] for i in active]
-        values = torch.stack(steps).tolist() if steps else []
-        by_step: dict[float, list[int]] = {}
+        # params step together when their step counts (and scalar state, e.g. NAdam's
+        # mu_product) agree: one read of those CPU scalars per rebuild
+        rows = [[self.state[params[i]]["step"], *(self.state[params[i]][n] for n in opt.scalars)]
+                for i in active]
+        values = torch.stack([torch.stack([t.double() for t in r]) for r in rows]).tolist()
+        by_value: dict[tuple, list[int]] = {}
         for i, v in zip(active, values):
-            by_step.setdefault(v, []).append(i)
+            by_value.setdefault(tuple(v), []).append(i)
         device = next((p.device for p in params), torch.device("cpu"))
         subgroups = []
-        for v, idx in by_step.items():
+        for v, idx in by_value.items():
             ps = [params[i] for i in idx]
-            # params that step together share one step tensor (one increment per step instead
-            # of one per param); torch's per-param "step" entries stay in place
-            shared = torch.tensor(v, dtype=torch.float32)
-            scalars = {n: self.state[ps[0]][n].clone() for n in opt.scalars}
+            # params that step together share one step tensor (one increment per step, not one
+            # per param); state_dict() gives each param its own copy, as torch's layout has it
+            shared = torch.tensor(v[0], dtype=torch.float32)
             for p in ps:
                 self.state[p]["step"] = shared
-                self.state[p].update(scalars)
             subgroups.append({
-                "index": idx, "params": ps, "step": int(v), "step_shared": shared,
-                "scalars": scalars,
+                "index": idx, "params": ps, "step_shared": shared,
+                "scalars": {n: self.state[ps[0]][n].to(HPARAM_DTYPE, copy=True)
+                            for n in opt.scalars},
+                "scalar_copies": {n: [self.state[p][n] for p in ps] for n in opt.scalars},
                 "buffers": {b: [self.state[p][b] for p in ps] for b in opt.buffer_names},
                 "decay": [decay_all[i] for i in idx],
-                "hp": {k: torch.zeros((), dtype=HPARAM_DTYPE, device=device)
-                       for k in opt.hyperparams},
-                "step_t": torch.zeros((), dtype=torch.int32, device=device),
+                "step_t": torch.tensor(int(v[0]), dtype=torch.int32, device=device),
             })
-        cache = {"key": key, "subgroups": subgroups}
+        cache = {"key": key, "subgroups": subgroups, "device": device}
+        cache["entries"] = self._state_entries(cache)
         self._caches[gi] = cache
         return cache
+
+    def _check_elementwise_state(self, opt: ElementwiseOptimizer, names: list[str],
+                                 params: list, grads: list) -> None:
+        """The functional core's checks of params, grads and state, on this group's tensors
+        (the state as the core would hold it): what ``opt.update(..., donate=True)`` checks."""
+        tree = dict(zip(names, params))
+        _tree.check_grads(opt.name, tree, dict(zip(names, grads)), donate=True)
+        view = opt.init_state({n: torch.empty_like(p, device="meta") for n, p in tree.items()})
+        for b in opt.buffer_names:
+            view[b] = {n: self.state[p].get(b) for n, p in tree.items()}
+        opt.validate(tree, dict.fromkeys(names), view)
 
     def _layout(self, gi: int, group: dict, opt: ft.Optimizer) -> _Layout:
         cache = self._caches.setdefault(gi, {})
@@ -313,6 +543,26 @@ class FunctimOptimizer(torch.optim.Optimizer):
             if q is not p:
                 p.copy_(q)
         layout.scatter(new_state, self.state, tree)
+
+
+def _like_param(v: torch.Tensor, p: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loaded buffer on ``device`` in ``p``'s memory layout (same strides), dtype kept."""
+    v = v.to(device=device)
+    if v.shape == p.shape and v.stride() != p.stride():
+        v = torch.empty_like(p, dtype=v.dtype, device=device).copy_(v)
+    return v
+
+
+@torch._dynamo.disable
+def _refuse_compile(cls: str) -> None:
+    # (dynamo-disabled: raised from traced code, the error would make dynamo fall back to
+    # running the step eagerly instead of reaching the caller)
+    raise RuntimeError(
+        f"functim.adapters.{cls}.step() cannot run under torch.compile (e.g. "
+        f"torch.compile(opt.step)): its update is not traced into one graph. Call opt.step() "
+        "uncompiled, or compile the functional update (torch.compile(opt_fn.update) with the "
+        "functim.<optimizer>(...) it is built on); the elementwise adapters (AdamW, SGD, "
+        "NAdamW, Lion, ...) compile as they are")
 
 
 class _Layout:
@@ -432,7 +682,7 @@ class _Layout:
 
 # -- named classes with torch.optim's signatures ---------------------------------------------
 _NOT_OPTIONS = ("params", "param_names", "initial_lr", "foreach", "fused", "capturable",
-                "differentiable", "weight_decay_mask")
+                "differentiable", "decoupled_weight_decay", "weight_decay_mask")
 
 
 class NamedAdapter(FunctimOptimizer):

@@ -89,9 +89,13 @@ def check_same_structure(
     return ref_leaves, other_leaves, ref_spec
 
 
-def check_grads(owner: str, params: PyTree, grads: PyTree) -> tuple[list, list, optree.PyTreeSpec]:
-    """Grads must have the params' structure, a floating tensor of the param's shape (or None) at
-    every leaf, and None where the param is None. Returns (param leaves, grad leaves, spec)."""
+def check_grads(owner: str, params: PyTree, grads: PyTree, *,
+                donate: bool = False) -> tuple[list, list, optree.PyTreeSpec]:
+    """Grads must have the params' structure, a floating tensor of the param's shape and device
+    (or None) at every leaf, and None where the param is None. With ``donate`` (the params will
+    be written in place), every param that gets a grad must own its memory: no two of its
+    elements may share one (an ``expand()``ed tensor). Returns (param leaves, grad leaves,
+    spec)."""
     p_leaves, g_leaves, spec = check_same_structure(
         params, grads, ref_name="params", other_name="grads")
     for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
@@ -105,7 +109,27 @@ def check_grads(owner: str, params: PyTree, grads: PyTree) -> tuple[list, list, 
         if not g.is_floating_point():
             raise TypeError(f"{owner}: grad at {leaf_paths_on_error(params, i)!r} must be "
                             f"floating point, got {g.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"{owner}: grad at {leaf_paths_on_error(params, i)!r} is on "
+                             f"{g.device}, expected {p.device} like the param")
+        if donate and not p.is_contiguous() and torch._debug_has_internal_overlap(p) == 1:
+            raise ValueError(
+                f"{owner}: param at {leaf_paths_on_error(params, i)!r} has elements that overlap "
+                "in memory (e.g. made by expand()), so it cannot be updated in place; give it "
+                "memory of its own (.clone()) or update it out of place (donate=False)")
     return p_leaves, g_leaves, spec
+
+
+def check_like_param(owner: str, what: str, params: PyTree, index: int, p: torch.Tensor,
+                     x: Any) -> None:
+    """``x`` (``what`` of leaf ``index``, e.g. ``"state['exp_avg']"``) is a tensor with the
+    shape and device of its param ``p``; a ValueError naming the leaf's path otherwise."""
+    if not isinstance(x, torch.Tensor) or x.shape != p.shape:
+        raise ValueError(f"{owner}: {what} at {leaf_paths_on_error(params, index)!r} is "
+                         f"{describe_leaf(x)}, expected shape {tuple(p.shape)} like the param")
+    if x.device != p.device:
+        raise ValueError(f"{owner}: {what} at {leaf_paths_on_error(params, index)!r} is on "
+                         f"{x.device}, expected {p.device} like the param")
 
 
 def _first_container_difference(a: PyTree, b: PyTree, prefix: str = "") -> str | None:

@@ -38,6 +38,7 @@ from .kernels import (
     chunk_norms,
     combine_norms,
     foreach_copy_,
+    fused_layout_applies,
     group_by_device_and_dtype,
     host_floats,
     needs_per_tensor,
@@ -342,12 +343,8 @@ class ElementwiseOptimizer(Optimizer):
         for b in self.buffer_names:
             leaves = buffer_leaves(self.name, params, state[b], b)
             for i, (p, s) in enumerate(zip(p_leaves, leaves)):
-                if p is None:
-                    continue
-                if not isinstance(s, torch.Tensor) or s.shape != p.shape:
-                    raise ValueError(
-                        f"{self.name}: state[{b!r}] at {_tree.leaf_paths_on_error(params, i)!r} is "
-                        f"{_tree.describe_leaf(s)}, expected shape {tuple(p.shape)} like the param")
+                if p is not None:
+                    _tree.check_like_param(self.name, f"state[{b!r}]", params, i, p, s)
             bufs[b] = leaves
         return bufs
 
@@ -357,7 +354,7 @@ class ElementwiseOptimizer(Optimizer):
         self._check_state(params, p_leaves, state)
 
     def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         bufs = self._check_state(params, p_leaves, state)
         step = state["step"]
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
@@ -457,25 +454,31 @@ class ElementwiseOptimizer(Optimizer):
         return (partial(self.kernel, kind=kind),
                 self.measure and partial(self.measure, kind=kind))
 
-    def _fused_runs(self, ops, device, p, fused_hp) -> bool:
-        """Whether torch's fused kernel takes this group (host hyperparameters ``fused_hp``)."""
-        if ops.per_tensor or self.fused_kernel is None or device.type not in ("cpu", "cuda"):
+    def _fused_runs(self, ops, device, lists, fused_hp) -> bool:
+        """Whether torch's fused kernel takes this group (host hyperparameters ``fused_hp``):
+        the optimizer has one that computes this maths for these values, and its preconditions
+        hold for the tensors it would get (``lists``: params, grads, buffers)."""
+        if (ops.per_tensor or self.fused_kernel is None or device.type not in ("cpu", "cuda")
+                or torch.compiler.is_compiling()):
             return False
-        return self.fused_applies is None or self.fused_applies(fused_hp, p)
+        if self.fused_applies is not None and not self.fused_applies(fused_hp, lists[0]):
+            return False
+        return fused_layout_applies(lists)
 
     def _run_group(self, ops, kind, p, g, b, hp, step, device, work_dtype, decay, donate,
                    fused_hp):
         hp = {k: (v if v.device == device else v.to(device)) for k, v in hp.items()}
         if step.device != device:
             step = step.to(device)
-        if fused_hp is not None and not self._fused_runs(ops, device, p, fused_hp):
+        mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
+        if fused_hp is not None and not self._fused_runs(ops, device, [p, g, *b.values()],
+                                                         fused_hp):
             fused_hp = None
         if (donate and fused_hp is None and self.tileable
                 and tiling_applies(ops, [p, g, *b.values()])
                 and (self.measure is None or tiled_norms_match(p, work_dtype, self.measure_ord))):
             return self._run_tiled(kind, p, g, b, hp, step, work_dtype, decay)
         kernel, _ = self._kernels(kind)
-        mixed = p[0].dtype != work_dtype  # e.g. bf16 params with float32 state
         pw = _widen(p, work_dtype)
         gw = _widen(g, work_dtype)
         if fused_hp is not None:

@@ -20,6 +20,7 @@ tensors, so changing the learning rate never recompiles and never syncs).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import Union
@@ -597,6 +598,40 @@ def tile_views(lists: Sequence[Sequence[torch.Tensor]], tile_numel: int | None =
         if leaf_ids is not None:
             leaf_ids.append(ids)
     return tiles
+
+
+def fused_layout_applies(lists: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Whether torch's fused optimizer kernels (``_fused_adamw_``, ``_fused_sgd_``) may take
+    these parallel lists (params, grads, state buffers). They walk each tensor's memory in order
+    from its first element and pair the i-th element of every list, so each tensor must be dense
+    and non-overlapping (its elements fill one block of memory) with the strides of its param.
+    torch.optim never picks them by default for this reason."""
+    if all(map(torch.Tensor.is_contiguous, itertools.chain.from_iterable(lists))):
+        return True  # (the common case, checked in one C-level loop: paid at every step)
+    for ts in zip(*lists):
+        p = ts[0]
+        if p.is_contiguous():
+            if not all(t.is_contiguous() for t in ts[1:]):
+                return False
+        elif not (_non_overlapping_and_dense(p) and all(t.stride() == p.stride()
+                                                         for t in ts[1:])):
+            return False
+    return True
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive places in memory, in some order
+    of its dimensions (a permuted contiguous tensor), each exactly once."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def group_by_device_and_dtype(

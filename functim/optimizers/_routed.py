@@ -182,17 +182,15 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         bufs = {}
         for b, owners in self.buffers.items():
             leaves = buffer_leaves(self.name, params, state[b], b)
-            for p, s, pl in zip(p_leaves, leaves, plans):
+            for i, (p, s, pl) in enumerate(zip(p_leaves, leaves, plans)):
                 if p is None:
                     continue
                 if pl.label in owners:
-                    ok = isinstance(s, torch.Tensor) and s.shape == p.shape
-                    want = f"a tensor of shape {tuple(p.shape)} like the param"
-                else:
-                    ok, want = s is None, f"None (a {pl.label!r} parameter has no {b!r})"
-                if not ok:
+                    _tree.check_like_param(self.name, f"state[{b!r}]", params, i, p, s)
+                elif s is not None:
                     raise ValueError(f"{self.name}: state[{b!r}] at {pl.path!r} is "
-                                     f"{_tree.describe_leaf(s)}, expected {want}")
+                                     f"{_tree.describe_leaf(s)}, expected None (a "
+                                     f"{pl.label!r} parameter has no {b!r})")
             bufs[b] = leaves
         return bufs
 
@@ -205,7 +203,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         return dict(self.ranges)
 
     def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         plans = self.plan(params)
         bufs = self._check_state(params, p_leaves, plans, state)
         step = state["step"]

@@ -360,22 +360,19 @@ class Kron(Optimizer):
         for i, (p, m, q) in enumerate(zip(p_leaves, m_leaves, q_leaves)):
             if p is None:
                 continue
-            if not isinstance(m, torch.Tensor) or m.shape != p.shape:
-                where = _tree.leaf_paths_on_error(params, i)
-                raise ValueError(f"{self.name}: state['momentum_buffer'] at {where!r} is "
-                                 f"{_tree.describe_leaf(m)}, expected shape {tuple(p.shape)}")
+            _tree.check_like_param(self.name, "state['momentum_buffer']", params, i, p, m)
             plan = self.plan(p.shape)
             want = [(d,) if diag else (d, d) for d, diag in zip(plan.merged_shape, plan.diagonal)]
             ok = isinstance(q, (tuple, list)) and len(q) == len(want) and all(
                 isinstance(f, torch.Tensor) and f.is_floating_point() and tuple(f.shape) == w
-                for f, w in zip(q, want))
+                and f.device == p.device for f, w in zip(q, want))
             if not ok:
                 where = _tree.leaf_paths_on_error(params, i)
                 got = ([_tree.describe_leaf(f) for f in q] if isinstance(q, (tuple, list))
                        else _tree.describe_leaf(q))
                 raise ValueError(f"{self.name}: state['Q'] at {where!r} must be "
-                                 f"{len(want)} factors of shapes {want} (merged shape "
-                                 f"{plan.merged_shape}), got {got}; was the state made by "
+                                 f"{len(want)} factors on {p.device} of shapes {want} (merged "
+                                 f"shape {plan.merged_shape}), got {got}; was the state made by "
                                  "another configuration?")
         return m_leaves, q_leaves
 
@@ -421,7 +418,7 @@ class Kron(Optimizer):
     # -- update --------------------------------------------------------------------------------
     @torch.compiler.disable
     def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         m_leaves, q_leaves = self._check_state(params, p_leaves, state)
         n, counter, n_updates, rng = self._host_values(state)
         do_update, new_counter = update_decision(self.update_probability, n, counter)

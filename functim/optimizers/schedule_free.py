@@ -227,7 +227,7 @@ class ScheduleFreeOptimizer(Optimizer):
         self._check_state(params, p_leaves, state)
 
     def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(NAME, params, grads)
+        p_leaves, g_leaves, spec = _tree.check_grads(NAME, params, grads, donate=donate)
         bufs = self._check_state(params, p_leaves, state)
         step = state["step"]
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)

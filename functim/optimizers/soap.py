@@ -286,11 +286,8 @@ class SoapOptimizer(Optimizer):
         for b in ("exp_avg", "exp_avg_sq"):
             leaves = buffer_leaves("soap", params, state[b], b)
             for i, (p, s) in enumerate(zip(p_leaves, leaves)):
-                if p is not None and not (isinstance(s, torch.Tensor) and s.shape == p.shape):
-                    raise ValueError(
-                        f"soap: state[{b!r}] at {_tree.leaf_paths_on_error(params, i)!r} is "
-                        f"{_tree.describe_leaf(s)}, expected shape {tuple(p.shape)} like the "
-                        "param")
+                if p is not None:
+                    _tree.check_like_param("soap", f"state[{b!r}]", params, i, p, s)
             bufs[b] = leaves
         for b in ("GG", "Q"):
             try:
@@ -306,13 +303,14 @@ class SoapOptimizer(Optimizer):
                 pd = self.preconditioner_dtype(p.dtype)
                 ok = isinstance(s, (list, tuple)) and len(s) == len(want) and all(
                     isinstance(m, torch.Tensor) and tuple(m.shape) == (d, d) and m.dtype == pd
-                    for m, d in zip(s, want))
+                    and m.device == p.device for m, d in zip(s, want))
                 if not ok:
                     got = ([_tree.describe_leaf(m) for m in s] if isinstance(s, (list, tuple))
                            else _tree.describe_leaf(s))
                     raise ValueError(
                         f"soap: state[{b!r}] at {_tree.leaf_paths_on_error(params, i)!r} is "
-                        f"{got}, expected a list of {len(want)} {pd} square matrices of sizes "
+                        f"{got}, expected a list of {len(want)} {pd} square matrices on "
+                        f"{p.device} of sizes "
                         f"{list(want)} (this configuration's preconditioned dims of shape "
                         f"{tuple(p.shape)})")
             bufs[b] = [list(s) if s is not None else None for s in leaves]
@@ -328,7 +326,7 @@ class SoapOptimizer(Optimizer):
 
     # -- update --------------------------------------------------------------------------
     def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         bufs = self._check_state(params, p_leaves, spec, state)
         step, calls = state["step"], state["calls"]
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
