@@ -1,4 +1,4 @@
-"""``functim-compare`` (functim/compare.py): the command end to end on a tiny model, its one-line
+"""``functim-compare`` (functim/compare/): the command end to end on a tiny model, its one-line
 errors, the optimizer registry, the LR schedule it applies, and the functional and adapter
 surfaces giving the same loss curves."""
 
@@ -80,7 +80,7 @@ def test_command_writes_table_png_and_results(tmp_path, capsys):
     adamw = runs["adamw"]
     assert adamw["eval_loss"][-1] < adamw["eval_loss"][0]
     assert sum(adamw["train_loss"][-3:]) < sum(adamw["train_loss"][:3])
-    # float32 params: AdamW keeps 2 floats per param, Lion 1 (algorithms.md §14)
+    # float32 params: AdamW keeps 2 floats per param (two moments), Lion 1 (its momentum)
     assert runs["adamw"]["state_bytes_per_param"] == 8.0
     assert runs["lion"]["state_bytes_per_param"] == 4.0
 
@@ -180,7 +180,7 @@ def test_registry_offers_exactly_the_optimizers_functim_has():
 
 
 def _bytes_per_param_expected(name: str, model: torch.nn.Module) -> float | None:
-    """algorithms.md §14, float32 params: state tensors per param x 4 bytes."""
+    """Float32 params: the optimizer's state tensors per param x 4 bytes."""
     per_param = {"adamw": 2, "nadamw": 2, "cautious_adamw": 2, "lion": 1, "cautious_lion": 1,
                  "signum": 1, "signsgd": 0, "mars": 3, "schedule_free_adamw": 2, "sgd": 1}
     if name in per_param:
@@ -203,8 +203,8 @@ def _curves(name: str, surface: str) -> compare.RunResult:
 
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_optimizer_gives_the_same_curves_on_both_surfaces(name):
-    """Finite curves, the same state size on both surfaces, that size as algorithms.md §14
-    says, and bitwise equal curves.
+    """Finite curves, the same state size on both surfaces, that size as each optimizer's
+    buffers imply, and bitwise equal curves.
 
     Gradients from ``torch.func.grad`` over ``functional_call`` and from ``loss.backward()`` are
     bitwise equal here, the schedule is applied as the same float64 products, and the design
@@ -282,7 +282,7 @@ def test_schedule_free_gets_its_builtin_warmup_and_a_constant_lr(surface, corpus
 
 
 def test_missing_corpus_is_a_one_line_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(compare, "STDLIB_FILES", ("no_such_module_here.py",))
+    monkeypatch.setattr(compare.corpus, "STDLIB_FILES", ("no_such_module_here.py",))
     rc, out, err = _run_main(["--optimizers", "adamw", "--steps", "2", "--out", str(tmp_path),
                               *TINY], capsys)
     assert rc == 1
