@@ -6,6 +6,7 @@ from .kron import Kron
 from .mars import Mars
 from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
+from .skip_step import SkipStepMixin, with_skip_step
 from .soap import Soap
 from .sophia import Sophia
 from .torch_optim import SGD, AdamW, FunctimOptimizer, NamedAdapter
@@ -26,6 +27,8 @@ __all__ = [
     "Scion",
     "SignSGD",
     "Signum",
+    "SkipStepMixin",
     "Soap",
     "Sophia",
+    "with_skip_step",
 ]

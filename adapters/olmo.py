@@ -15,6 +15,14 @@ after every ``load_state_dict``, and ``compile=True`` compiles ``step``. The one
 that field values are converted to the adapter's types first (``state_dtype="bfloat16"`` becomes
 ``torch.bfloat16``), which is why ``build`` is overridden at all.
 
+Skip-step (every config): ``skip_step=True`` builds :func:`functim.adapters.with_skip_step` of
+the adapter, an ``olmo_core.optim.SkipStepOptimizer``, so the train module feeds it the loss and
+(with ``max_grad_norm``) the gradient norm and records ``optim/step skipped``: the update is
+skipped when either is more than ``sigma_factor`` standard deviations above the mean of the last
+``rolling_interval_length`` steps (OLMo-core's ``SkipStepAdamWConfig`` fields, names and
+defaults; the rule and its choices are in :mod:`functim.skip_step`). The window is in the
+optimizer state, so checkpoints resume it bitwise.
+
 Keyword arguments that do not fit a serialisable config are not fields: ``weight_decay_mask``
 (use a group override with ``weight_decay=0.0``, OLMo-core's way), and the torch flags that
 functim rejects (``capturable``, ``differentiable``).
@@ -45,16 +53,19 @@ except ImportError as e:  # olmo-core is an optional dependency
         "install the 'olmo' extra, pip install 'functim[olmo]' (ai2-olmo-core==3.0.0)"
     ) from e
 
+from functim.hyperparams import check_hyperparam
 from functim.kernels import is_dtensor
 from functim.linalg import NS5_COEFFICIENTS
 from functim.optimizers.scion import NORMS, default_norms
 from functim.rules import Explanation, Rule, explain
+from functim.skip_step import SIGMA_FACTOR_RANGE, check_window_length
 
 from .elementwise import CautiousAdamW, CautiousLion, Lion, NAdamW, SignSGD, Signum
 from .kron import Kron
 from .mars import Mars
 from .matrix import Muon, Scion
 from .schedule_free import ScheduleFreeAdamW
+from .skip_step import with_skip_step
 from .soap import Soap
 from .sophia import Sophia
 from .torch_optim import SGD, AdamW
@@ -73,6 +84,9 @@ C = TypeVar("C", bound=type)
 
 # OptimConfig's own fields: consumed by build(), never passed to the optimizer
 _OLMO_FIELDS = frozenset(f.name for f in dataclasses.fields(OptimConfig))
+# FunctimOptimConfig's skip-step fields: they choose the class (and, when on, the last two are
+# passed to it), so they are not keyword arguments of the plain adapter
+_SKIP_STEP_FIELDS = ("skip_step", "rolling_interval_length", "sigma_factor")
 
 
 def _to_dtype(owner: str, name: str, value: Any) -> torch.dtype | None:
@@ -97,6 +111,24 @@ class FunctimOptimConfig(OptimConfig[Opt]):
     dtype_fields: ClassVar[tuple[str, ...]] = ("state_dtype", "ns_dtype")
     """Fields holding a dtype name, passed to the adapter as a ``torch.dtype``."""
 
+    skip_step: bool = False
+    """Build the skip-step class of the adapter (:func:`functim.adapters.with_skip_step`), an
+    ``olmo_core.optim.SkipStepOptimizer``: updates on loss or gradient-norm spikes are skipped."""
+
+    rolling_interval_length: int = 128
+    """With ``skip_step``: how many recent steps the mean and standard deviation are taken over
+    (OLMo-core's name and default; the check starts once half of them are there)."""
+
+    sigma_factor: float = 6.0
+    """With ``skip_step``: how many standard deviations above the mean a loss or gradient norm
+    must be for its step to be skipped (OLMo-core's name and default)."""
+
+    def optimizer_class(self) -> type[Opt]:
+        """The class :meth:`build` makes: ``optimizer()``, or its skip-step class when
+        ``skip_step`` is set."""
+        adapter = self.optimizer()
+        return with_skip_step(adapter) if self.skip_step else adapter
+
     @classmethod
     def adapter_value(cls, name: str, value: Any) -> Any:
         """A field's value as the adapter takes it (dtype names become ``torch.dtype``s)."""
@@ -105,16 +137,28 @@ class FunctimOptimConfig(OptimConfig[Opt]):
         return value
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments for ``optimizer()``: every field except OLMo-core's own
-        (``group_overrides``, ``compile``, ``fixed_fields``), through :meth:`adapter_value`."""
-        return {f.name: self.adapter_value(f.name, getattr(self, f.name))
-                for f in dataclasses.fields(self) if f.init and f.name not in _OLMO_FIELDS}
+        """The keyword arguments for :meth:`optimizer_class`: every field except OLMo-core's own
+        (``group_overrides``, ``compile``, ``fixed_fields``), through :meth:`adapter_value`;
+        ``rolling_interval_length`` and ``sigma_factor`` only with ``skip_step`` (they are
+        checked either way)."""
+        owner = type(self).__name__
+        if not isinstance(self.skip_step, bool):
+            raise TypeError(f"{owner}: skip_step must be a bool, got {self.skip_step!r}")
+        check_window_length(owner, "rolling_interval_length", self.rolling_interval_length)
+        check_hyperparam(owner, "sigma_factor", self.sigma_factor, SIGMA_FACTOR_RANGE)
+        kwargs = {f.name: self.adapter_value(f.name, getattr(self, f.name))
+                  for f in dataclasses.fields(self)
+                  if f.init and f.name not in _OLMO_FIELDS and f.name not in _SKIP_STEP_FIELDS}
+        if self.skip_step:
+            kwargs.update(rolling_interval_length=self.rolling_interval_length,
+                          sigma_factor=self.sigma_factor)
+        return kwargs
 
     def build(self, model: torch.nn.Module, strict: bool = True) -> Opt:
         """Build the adapter over ``self.build_groups(model, strict)`` (see the module docstring;
         the steps after construction are OLMo-core 3.0.0's ``OptimConfig.build``)."""
         kwargs = self.optimizer_kwargs()  # converts (and checks) before anything is built
-        optim = self.optimizer()(self.build_groups(model, strict=strict), **kwargs)
+        optim = self.optimizer_class()(self.build_groups(model, strict=strict), **kwargs)
 
         # 'lr' and 'initial_lr' in every group; snapshot the fixed fields
         fixed_per_group: list[dict[str, Any]] = [{} for _ in optim.param_groups]
@@ -128,7 +172,7 @@ class FunctimOptimConfig(OptimConfig[Opt]):
                 if k in group:
                     fixed[k] = group[k]
 
-        log.info(f"Building {self.optimizer().__name__} optimizer with "
+        log.info(f"Building {self.optimizer_class().__name__} optimizer with "
                  f"{len(optim.param_groups)} param group(s)...")
         for g_idx, group in enumerate(optim.param_groups):
             opts = "\n - ".join(f"{k}: {v}" for k, v in group.items() if k != "params")
@@ -136,6 +180,10 @@ class FunctimOptimConfig(OptimConfig[Opt]):
                      + (f":\n - {opts}" if opts else ""))
 
         if self.compile:
+            if not optim.compiles_step():
+                raise ValueError(
+                    f"{type(self).__name__}(compile=True): {type(optim).__name__}.step() does "
+                    "not compile (see FunctimOptimizer.compiles_step()); leave compile=False")
             log.info("Compiling optimizer step...")
             optim.step = torch.compile(optim.step)
 
@@ -157,14 +205,22 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 def _check_against_adapter(cls: type, omit: Sequence[str]) -> None:
     """Every config field is a keyword argument of ``cls.optimizer()`` with the same default, and
-    every keyword argument is a field or listed in ``omit``."""
+    every keyword argument is a field or listed in ``omit``; the skip-step fields default as the
+    keyword arguments of its skip-step class."""
     adapter = cls.optimizer()
     params = list(inspect.signature(adapter).parameters.values())[1:]  # after `params`
     keywords = {p.name: p for p in params
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in _OLMO_FIELDS}
+    fields = {f.name: f for f in dataclasses.fields(cls)
+              if f.init and f.name not in _OLMO_FIELDS and f.name not in _SKIP_STEP_FIELDS}
     problems = []
+    skip_keywords = inspect.signature(with_skip_step(adapter)).parameters
+    for f in dataclasses.fields(cls):
+        if f.name in _SKIP_STEP_FIELDS[1:] and _field_default(f) != skip_keywords[f.name].default:
+            problems.append(f"field {f.name!r} defaults to {_field_default(f)!r}, "
+                            f"{with_skip_step(adapter).__name__} to "
+                            f"{skip_keywords[f.name].default!r}")
     for name, f in fields.items():
         if name not in keywords:
             if not var_kw:

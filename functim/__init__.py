@@ -52,6 +52,7 @@ from .schedules import (
     warmup_cosine,
     wsd,
 )
+from .skip_step import SkipSpikes, skip_spikes
 
 __all__ = [
     "BiasRMS",
@@ -65,6 +66,7 @@ __all__ = [
     "Rule",
     "Schedule",
     "Sign",
+    "SkipSpikes",
     "Spectral",
     "accumulate",
     "adamw",
@@ -99,6 +101,7 @@ __all__ = [
     "signsgd",
     "signum",
     "skip_nonfinite",
+    "skip_spikes",
     "soap",
     "sophia",
     "warmup_cosine",

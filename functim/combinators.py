@@ -420,24 +420,34 @@ class SkipNonFinite(Optimizer):
                                  ).isfinite().all()
         else:
             finite = torch.ones((), dtype=torch.bool, device=device)
-        new_params, new_inner = self.optimizer.update(params, grads, state["optimizer"],
-                                                      donate=False, **extra)
-        in_place = donate and not needs_per_tensor(present)
-
-        def select(new, old):
-            if not isinstance(new, torch.Tensor):
-                return new
-            if new is old:
-                return old
-            f = finite.to(new.device)
-            if in_place and old.shape == new.shape and old.dtype == new.dtype:
-                return torch.where(f, new, old, out=old)
-            return torch.where(f, new, old)
-
-        params_out = _tree.map_leaves(select, new_params, params)
-        inner_out = _tree.map_leaves(select, new_inner, state["optimizer"])
+        params_out, inner_out = gated_update(self.optimizer, finite, params, grads,
+                                             state["optimizer"], donate=donate, **extra)
         skipped = state["skipped_steps"] + (~finite).to(state["skipped_steps"].dtype)
         return params_out, {"skipped_steps": skipped, "optimizer": inner_out}
+
+
+def gated_update(optimizer: Optimizer, take: torch.Tensor, params: PyTree, grads: PyTree,
+                 state: State, *, donate: bool = False, **extra: Any) -> tuple[PyTree, State]:
+    """``optimizer.update`` applied where ``take`` (a 0-d bool tensor) is True; where it is False
+    the params and ``state`` come back bitwise unchanged, decided on the device (no host sync).
+    The update runs out of place and each tensor is selected with ``torch.where`` (into the old
+    tensor when ``donate``). ``optimizer`` checks its inputs before anything is computed, and
+    nothing is written before it returns."""
+    new_params, new_state = optimizer.update(params, grads, state, donate=False, **extra)
+    g_leaves = [g for g in _tree.flatten(grads)[0] if g is not None]
+    in_place = donate and not needs_per_tensor(g_leaves)
+
+    def select(new: Any, old: Any) -> Any:
+        if not isinstance(new, torch.Tensor) or new is old:
+            return new
+        keep_new = take if take.device == new.device else take.to(new.device)
+        if in_place and isinstance(old, torch.Tensor) and old.shape == new.shape \
+                and old.dtype == new.dtype:
+            return torch.where(keep_new, new, old, out=old)
+        return torch.where(keep_new, new, old)
+
+    return (_tree.map_leaves(select, new_params, params),
+            _tree.map_leaves(select, new_state, state))
 
 
 def skip_nonfinite(optimizer: Optimizer) -> SkipNonFinite:
