@@ -374,13 +374,18 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 self._step_generic(gi, group, opt)
         return loss
 
+    def compiles_step(self) -> bool:
+        """Whether ``torch.compile(opt.step)`` compiles this optimizer's step: every group runs
+        an elementwise optimizer (AdamW, SGD, NAdamW, Lion, SignSGD, Signum, Cautious AdamW and
+        Lion, MARS, Sophia), whose kernels are traced (torch's fused kernels are not used
+        there). Otherwise a compiled ``step()`` raises a RuntimeError saying what to do."""
+        return all(isinstance(self._group_optimizer(g), ElementwiseOptimizer)
+                   for g in self.param_groups)
+
     def _check_compilable(self) -> None:
-        """Under ``torch.compile(opt.step)``: the elementwise optimizers' steps compile (their
-        kernels are traced; torch's fused kernels are not used there); any other optimizer's
-        step raises, saying what to do instead, before anything is written."""
-        if torch.compiler.is_compiling() and not all(
-                isinstance(self._group_optimizer(g), ElementwiseOptimizer)
-                for g in self.param_groups):
+        """Under ``torch.compile``: raise (before anything is written) unless
+        :meth:`compiles_step`."""
+        if torch.compiler.is_compiling() and not self.compiles_step():
             _refuse_compile(type(self).__name__)
 
     def _use_fused(self, group: dict) -> bool:
@@ -403,9 +408,11 @@ class FunctimOptimizer(torch.optim.Optimizer):
         fused = self._use_fused(group)
         host_hp = None if any(isinstance(v, torch.Tensor) for v in host.values()) else host
         # fresh 0-d tensors each step: under torch.compile, filling cached ones in place is
-        # not carried out (torch 2.13), and the step trains with lr = β = 0
+        # not carried out (torch 2.13), and the step trains with lr = β = 0. (torch.full, not
+        # torch.tensor: on CUDA the latter is a blocking copy from the host)
         hp = {k: v.to(dtype=HPARAM_DTYPE) if isinstance(v, torch.Tensor) else
-              torch.tensor(v, dtype=HPARAM_DTYPE, device=cache["device"]) for k, v in host.items()}
+              torch.full((), v, dtype=HPARAM_DTYPE, device=cache["device"])
+              for k, v in host.items()}
         for sub in cache["subgroups"]:
             sub["step_t"].add_(1)
             kernel_hp, new_scalars = opt.prepare_scalars(hp, sub["step_t"], sub["scalars"])
@@ -558,11 +565,11 @@ def _refuse_compile(cls: str) -> None:
     # (dynamo-disabled: raised from traced code, the error would make dynamo fall back to
     # running the step eagerly instead of reaching the caller)
     raise RuntimeError(
-        f"functim.adapters.{cls}.step() cannot run under torch.compile (e.g. "
+        f"functim.adapters {cls}.step() cannot run under torch.compile (e.g. "
         f"torch.compile(opt.step)): its update is not traced into one graph. Call opt.step() "
-        "uncompiled, or compile the functional update (torch.compile(opt_fn.update) with the "
-        "functim.<optimizer>(...) it is built on); the elementwise adapters (AdamW, SGD, "
-        "NAdamW, Lion, ...) compile as they are")
+        "uncompiled, or compile the functional update it is built on "
+        "(torch.compile(functim.<optimizer>(...).update)); see "
+        "FunctimOptimizer.compiles_step() for the adapters whose step compiles")
 
 
 class _Layout:
@@ -655,8 +662,8 @@ class _Layout:
                             val = host[self.group_key[hpath]]
                             out[k][name] = (val.to(first.device, HPARAM_DTYPE)
                                             if isinstance(val, torch.Tensor) else
-                                            torch.tensor(float(val), dtype=HPARAM_DTYPE,
-                                                         device=first.device))
+                                            torch.full((), float(val), dtype=HPARAM_DTYPE,
+                                                       device=first.device))
                     elif path in self.buffer_paths:
                         # tree is a flat {name: param} dict: a dict with its keys has its structure
                         out[k] = {n: self._leaf_buffer(torch_state[p], path, n)

@@ -105,7 +105,7 @@ def init_hyperparams(specs: Mapping[str, ScalarOrSchedule], device: torch.device
         elif isinstance(spec, torch.Tensor):
             out[name] = spec.to(device=device, dtype=HPARAM_DTYPE)
         else:
-            out[name] = torch.tensor(float(spec), dtype=HPARAM_DTYPE, device=device)
+            out[name] = torch.full((), float(spec), dtype=HPARAM_DTYPE, device=device)
     return out
 
 
@@ -170,7 +170,7 @@ def set_hyperparams(state: Any, **values: Any) -> Any:
                 if isinstance(v, torch.Tensor):
                     sub[name] = v.to(device=old.device, dtype=old.dtype)
                 else:
-                    sub[name] = torch.tensor(float(v), dtype=old.dtype, device=old.device)
+                    sub[name] = torch.full((), float(v), dtype=old.dtype, device=old.device)
                 used.add(key)
     unknown = set(values) - used
     if unknown:

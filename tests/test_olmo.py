@@ -438,6 +438,11 @@ def test_compile_flag_makes_lr_a_tensor_and_compiles_step():
     assert "step" in vars(opt)  # the instance attribute torch.compile(opt.step) put there
 
 
+def test_compile_flag_is_refused_where_the_step_does_not_compile():
+    with pytest.raises(ValueError, match=r"MuonConfig\(compile=True\).*does not compile"):
+        MuonConfig(lr=1e-2, compile=True).build(TinyOLMo())
+
+
 # -- steps ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(CASES))
 def test_steps_equal_the_adapter_driven_directly(name):
