@@ -1,0 +1,29 @@
+"""Devices for tests that run wherever they can: ``cpu`` always, ``cuda`` when torch sees a GPU.
+
+``DEVICES`` parametrises a test over both; the ``cuda`` instance is skipped, with the reason, on a
+machine without one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDA cannot be used here, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"no CUDA: this torch ({torch.__version__}) is a CPU build"
+    return (f"no CUDA device visible to torch {torch.__version__} "
+            f"(built for CUDA {torch.version.cuda})")
+
+
+CUDA_SKIP = pytest.mark.skipif(cuda_unavailable_reason() is not None,
+                               reason=cuda_unavailable_reason() or "")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
+
+
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
