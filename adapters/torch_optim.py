@@ -40,7 +40,8 @@ _TORCH_FLAGS = ("foreach", "capturable", "differentiable", "decoupled_weight_dec
 # nothing: dropped from a loaded param group whose optimizer does not take them
 _TORCH_NOOP_OPTIONS = {"maximize": False, "amsgrad": False}
 # keys a loaded param group may have that a fresh one need not (set by LR schedulers, torch)
-_LOADABLE_EXTRA_KEYS = ("params", "param_names", "initial_lr", "fused")
+_LOADABLE_EXTRA_KEYS = ("params", "param_names", "initial_lr", "fused", "max_lr", "min_lr",
+                        "base_lr", "max_momentum", "base_momentum")
 
 
 def _named_param_groups(params: Any) -> list[dict]:
@@ -129,6 +130,14 @@ class FunctimOptimizer(torch.optim.Optimizer):
         names = param_group.get("params")
         if isinstance(names, Iterable) and not isinstance(names, torch.Tensor):
             items = list(names)
+            named = [isinstance(x, tuple) for x in items]
+            if any(named) and not all(named):
+                i = named.index(not named[0])
+                raise TypeError(
+                    f"{type(self).__name__}: param group mixes (name, tensor) pairs and plain "
+                    f"tensors (item 0 is {'a pair' if named[0] else 'a tensor'}, item {i} is "
+                    f"{'a pair' if named[i] else 'a tensor'}); pass model.named_parameters() "
+                    "or model.parameters(), not both")
             if items and isinstance(items[0], tuple):
                 param_group = dict(param_group)
                 param_group["param_names"] = [n for n, _ in items]
@@ -269,6 +278,13 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 if entry is not None:
                     self._check_entry(opt, name, p, entry, want)
                 found.append(entry)
+            without = [n for n, e in zip(names, found) if e is None]
+            if without and len(without) < len(names) and not isinstance(opt,
+                                                                        ElementwiseOptimizer):
+                raise ValueError(
+                    f"{cls}.load_state_dict: param group {gi} of the state dict has no state for "
+                    f"{without} but has it for the group's other params; {opt.name} keeps "
+                    "counters shared by the group, so a partial state cannot be resumed")
             groups.append(new)
             entries.append(found)
         return groups, entries
@@ -281,6 +297,10 @@ class FunctimOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{cls}.load_state_dict: param group {gi} of the state dict has an "
                              "L2 (coupled) weight decay, decoupled_weight_decay=False; "
                              f"{cls}'s weight decay is decoupled")
+        missing = [k for k in self._required_group_keys(group) if k not in saved]
+        if missing:
+            raise ValueError(f"{cls}.load_state_dict: param group {gi} of the state dict has no "
+                             f"{missing[0]!r}")
         new = {k: v for k, v in saved.items() if k in group or not (
             k in _TORCH_FLAGS or (k in _TORCH_NOOP_OPTIONS and v == _TORCH_NOOP_OPTIONS[k]))}
         for k, v in group.items():
@@ -296,6 +316,12 @@ class FunctimOptimizer(torch.optim.Optimizer):
         except TypeError as e:
             raise ValueError(f"{cls}.load_state_dict: param group {gi}: {e}") from None
         return new
+
+    def _required_group_keys(self, group: dict) -> list[str]:
+        """The group keys a loaded param group must have: its hyperparameters (a checkpoint
+        without ``lr`` is not one of this optimizer's; options such as ``state_dtype`` may be
+        missing and keep this optimizer's values)."""
+        return [k for k in self._hparam_names if k in group]
 
     def _check_entry(self, opt: ft.Optimizer, name: str, p: torch.Tensor, entry: Any,
                      want: dict) -> None:
@@ -362,6 +388,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         self._check_compilable()
+        self._check_changed_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -373,6 +400,22 @@ class FunctimOptimizer(torch.optim.Optimizer):
             else:
                 self._step_generic(gi, group, opt)
         return loss
+
+    def _check_changed_groups(self) -> None:
+        """The values of every param group (``lr`` set by a scheduler or by hand, ...) pass the
+        constructor's checks, before any group steps. Checked when a value changed since the
+        last check (a tensor value, when it is another tensor: its value is not read on the
+        host, which would be a device sync)."""
+        checked = self.__dict__.setdefault("_checked_groups", {})
+        for gi, group in enumerate(self.param_groups):
+            values = [(k, id(v) if isinstance(v, torch.Tensor) else v)
+                      for k, v in group.items() if k not in ("params", "param_names")]
+            if checked.get(gi) != values:
+                try:
+                    self._validate_group(group)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{type(self).__name__}: param group {gi}: {e}") from None
+                checked[gi] = values
 
     def compiles_step(self) -> bool:
         """Whether ``torch.compile(opt.step)`` compiles this optimizer's step: every group runs
@@ -436,9 +479,10 @@ class FunctimOptimizer(torch.optim.Optimizer):
             cache["entries"] = self._state_entries(cache)
 
     def _elementwise_cache(self, gi, group, opt, grads) -> dict:
-        """The group's cached plan, rebuilt (and re-checked) when which params have grads, or
-        any state tensor of theirs, is not what it was built for."""
-        key = tuple(g is not None for g in grads)
+        """The group's cached plan, rebuilt (and re-checked) when the group's optimizer (its
+        static options), which params have grads, or any state tensor of theirs, is not what it
+        was built for."""
+        key = (opt, tuple(g is not None for g in grads))
         cache = self._caches.get(gi)
         if cache is None or cache["key"] != key or not self._same_state(cache["entries"]):
             cache = self._build_cache(gi, group, opt, grads, key)
@@ -513,12 +557,32 @@ class FunctimOptimizer(torch.optim.Optimizer):
         self._caches[gi] = cache
         return cache
 
+    def _create_lazy_buffers(self, opt: ElementwiseOptimizer, params: list) -> None:
+        """Create the buffers named in ``lazy_buffers`` that the group's optimizer needs and a
+        param does not have yet (as torch.optim.SGD creates its momentum buffer when momentum
+        becomes non-zero mid-run, e.g. under OneCycleLR's momentum cycling)."""
+        lazy = [b for b in getattr(self, "lazy_buffers", ()) if b in opt.buffer_names]
+        for p in params:
+            for b in lazy:
+                if b not in self.state[p]:
+                    self.state[p][b] = torch.zeros_like(p, dtype=opt.buffer_dtype(p.dtype),
+                                                        memory_format=torch.preserve_format)
+
     def _check_elementwise_state(self, opt: ElementwiseOptimizer, names: list[str],
                                  params: list, grads: list) -> None:
         """The functional core's checks of params, grads and state, on this group's tensors
         (the state as the core would hold it): what ``opt.update(..., donate=True)`` checks."""
         tree = dict(zip(names, params))
         _tree.check_grads(opt.name, tree, dict(zip(names, grads)), donate=True)
+        self._create_lazy_buffers(opt, params)
+        for name, p in tree.items():
+            for key in ("step", *opt.buffer_names, *opt.scalars):
+                if key not in self.state[p]:
+                    raise ValueError(
+                        f"{type(self).__name__}: param {name!r} has no state[{key!r}], which "
+                        f"{opt.name} with this group's options keeps: was an option that shapes "
+                        "the state (amsgrad, variant, ...) changed after the state was made? "
+                        "Build the optimizer with it, or load a state dict made with it")
         view = opt.init_state({n: torch.empty_like(p, device="meta") for n, p in tree.items()})
         for b in opt.buffer_names:
             view[b] = {n: self.state[p].get(b) for n, p in tree.items()}
@@ -688,8 +752,11 @@ class _Layout:
 
 
 # -- named classes with torch.optim's signatures ---------------------------------------------
+# group keys that are not options of the functional constructor: torch.optim's, and the
+# bookkeeping that torch's LR schedulers add (OneCycleLR, CyclicLR with cycle_momentum)
 _NOT_OPTIONS = ("params", "param_names", "initial_lr", "foreach", "fused", "capturable",
-                "differentiable", "decoupled_weight_decay", "weight_decay_mask")
+                "differentiable", "decoupled_weight_decay", "weight_decay_mask", "max_lr",
+                "min_lr", "base_lr", "max_momentum", "base_momentum")
 
 
 class NamedAdapter(FunctimOptimizer):
@@ -766,6 +833,11 @@ class NamedAdapter(FunctimOptimizer):
     def _validate_group(self, group: dict) -> None:
         type(self).functional(**self._ctor_kwargs(group))
 
+    def _required_group_keys(self, group: dict) -> list[str]:
+        names = set(self._group_optimizer(group).hyperparams)
+        return [k for k in group if k in names or (
+            k.endswith("betas") and f"{k[:-5]}beta1" in names)]
+
 
 class AdamW(NamedAdapter):
     """``torch.optim.AdamW``'s signature over :func:`functim.adamw`.
@@ -797,6 +869,8 @@ class SGD(NamedAdapter):
 
     functional = staticmethod(ft.sgd)
     static_options = ("nesterov", "maximize", "state_dtype")
+    # created when momentum becomes non-zero mid-run, as torch.optim.SGD does
+    lazy_buffers = ("momentum_buffer",)
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,

@@ -29,7 +29,8 @@ HPARAM_DTYPE = torch.float64
 
 @dataclass(frozen=True)
 class Range:
-    """An interval for a hyperparameter: ``low <=/< value <=/< high``."""
+    """An interval for a hyperparameter: ``low <=/< value <=/< high``, finite values only (an
+    infinite learning rate, weight decay or ε turns the params into NaN)."""
 
     low: float = -math.inf
     high: float = math.inf
@@ -37,15 +38,15 @@ class Range:
     high_open: bool = False
 
     def contains(self, v: float) -> bool:
-        if math.isnan(v):
+        if not math.isfinite(v):
             return False
         lo_ok = v > self.low if self.low_open else v >= self.low
         hi_ok = v < self.high if self.high_open else v <= self.high
         return lo_ok and hi_ok
 
     def __str__(self) -> str:
-        lo = "(" if self.low_open else "["
-        hi = ")" if self.high_open else "]"
+        lo = "(" if self.low_open or math.isinf(self.low) else "["
+        hi = ")" if self.high_open or math.isinf(self.high) else "]"
         return f"{lo}{self.low}, {self.high}{hi}"
 
 

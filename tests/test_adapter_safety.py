@@ -468,3 +468,100 @@ def test_adapter_state_replaced_by_a_tensor_on_another_device_is_refused(name):
         opt.step()
     for p, q in zip(m.parameters(), before):
         assert torch.equal(p, q)
+
+
+# -- hyperparameters and options changed on the torch.optim surface -------------------------------
+CHANGED_VALUES = {
+    "negative-lr": ("lr", -1.0, ValueError), "nan-lr": ("lr", float("nan"), ValueError),
+    "inf-lr": ("lr", float("inf"), ValueError), "str-lr": ("lr", "0.1", TypeError),
+    "inf-weight-decay": ("weight_decay", float("inf"), ValueError),
+    "beta1-above-1": ("betas", (1.5, 0.9), ValueError),
+    "adamw-beta1-above-1": ("adamw_betas", (1.5, 0.9), ValueError),
+}
+
+
+@pytest.mark.parametrize("name, case", [
+    (n, c) for n in ("AdamW", "Lion", "Muon") for c in CHANGED_VALUES
+    if (c == "adamw-beta1-above-1") == (n == "Muon") or not c.endswith("beta1-above-1")])
+def test_group_values_changed_by_hand_are_checked_at_step(name, case):
+    key, value, exc = CHANGED_VALUES[case]
+    m = _model()
+    opt = ADAPTERS[name](m.named_parameters())
+    _train(m, opt, 1)
+    opt.param_groups[0][key] = value
+    _backward(m, 1)
+    before, state = [p.detach().clone() for p in m.parameters()], _snapshot(opt)["state"]
+    with pytest.raises(exc, match=f"param group 0.*{key.removesuffix('s')}"):
+        opt.step()
+    for p, q in zip(m.parameters(), before):
+        assert torch.equal(p, q)
+    assert_trees_equal(_snapshot(opt)["state"], state)
+
+
+@pytest.mark.parametrize("name", ["SGD-momentum", "SGD-nesterov", "MomentumSGD"])
+def test_sgd_momentum_turned_on_mid_run_and_one_cycle(name):
+    """torch.optim.SGD handles momentum going from 0 to non-zero (by hand, or OneCycleLR's
+    momentum cycling, which also adds its own keys to the groups): so must the adapter, with
+    the same result."""
+    results = []
+    for cls in (torch.optim.SGD, adapters.SGD):
+        torch.manual_seed(0)
+        m = _double_model()
+        opt = cls(m.parameters(), lr=1e-2)
+        if name == "MomentumSGD":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        for i in range(4):
+            if name != "MomentumSGD" and i == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+                opt.param_groups[0]["nesterov"] = name == "SGD-nesterov"
+            _backward(m, i)
+            opt.step()
+            if name == "MomentumSGD":
+                sched.step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_static_option_changed_mid_run_is_a_clear_error():
+    m = _model()
+    opt = adapters.AdamW(m.named_parameters(), lr=1e-3)
+    _train(m, opt, 1)
+    opt.param_groups[0]["amsgrad"] = True
+    _backward(m, 1)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match=r"'0\.weight' has no state\['max_exp_avg_sq'\].*amsgrad"):
+        opt.step()
+    for p, q in zip(m.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_mixed_named_and_unnamed_params_are_a_type_error():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="mixes"):
+        adapters.AdamW([("weight", a), b])
+    with pytest.raises(TypeError, match="mixes"):
+        adapters.AdamW([a, ("weight", b)])
+
+
+def test_loaded_group_without_lr_is_refused():
+    m = _model()
+    opt = adapters.Lion(m.named_parameters(), lr=1e-3)
+    _train(m, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["lr"]
+    with pytest.raises(ValueError, match="has no 'lr'"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("name", ["Muon", "Soap", "Kron"])
+def test_truncated_state_dict_of_a_group_with_shared_counters_is_refused(name):
+    m = _model()
+    opt = ADAPTERS[name](m.named_parameters())
+    _train(m, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][1]
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"no state for \['0\.bias'\]"):
+        opt.load_state_dict(sd)
+    assert_trees_equal(_snapshot(opt), before)

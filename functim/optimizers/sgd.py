@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..base import ElementwiseOptimizer
-from ..hyperparams import NONNEGATIVE, ScalarOrSchedule
+from ..hyperparams import NONNEGATIVE, UNIT, ScalarOrSchedule
 from ..kernels import has_dtensor
 
 
@@ -98,7 +98,7 @@ def sgd(
         "sgd",
         hyperparams={"lr": lr, "momentum": momentum, "dampening": dampening,
                      "weight_decay": weight_decay},
-        ranges={"lr": NONNEGATIVE, "momentum": NONNEGATIVE, "dampening": NONNEGATIVE,
+        ranges={"lr": NONNEGATIVE, "momentum": UNIT, "dampening": UNIT,
                 "weight_decay": NONNEGATIVE},
         buffers=("momentum_buffer",) if has_momentum else (),
         kernel=partial(_sgd_kernel, **flags),
