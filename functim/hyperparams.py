@@ -145,12 +145,19 @@ def get_hyperparams(state: Any) -> dict[str, torch.Tensor]:
     return {path: sub[name] for path, name, _, sub in _walk_hparams(state)}
 
 
-def set_hyperparams(state: Any, **values: Any) -> Any:
+def set_hyperparams(state: Any, *, optimizer: Any = None, **values: Any) -> Any:
     """A copy of ``state`` with hyperparameters replaced (pure: ``state`` is not modified).
 
     A keyword matches every hyperparameter with that name (``lr=1e-3`` sets all learning rates) or
     one full dotted path (pass it as ``**{"partition.muon.lr": 0.02}``). Unknown names raise.
+
+    Every value is checked before anything is replaced: a finite number or a 0-d floating
+    tensor (a TypeError or ValueError naming it otherwise). With ``optimizer`` (the
+    :class:`~functim.Optimizer` that made ``state``), each value must also be in that
+    hyperparameter's range, as at construction (``optimizer.hyperparam_ranges()``); the state
+    alone does not say which ranges apply.
     """
+    ranges = optimizer.hyperparam_ranges() if optimizer is not None else {}
 
     def copy(s):
         if isinstance(s, Mapping):
@@ -163,6 +170,11 @@ def set_hyperparams(state: Any, **values: Any) -> Any:
 
     new = copy(state)
     used = set()
+    for path, name, _, _sub in _walk_hparams(new):
+        for key in (path, name):
+            if key in values:
+                check_hyperparam("set_hyperparams", path, values[key],
+                                 ranges.get(path, Range()))
     for path, name, _, sub in list(_walk_hparams(new)):
         for key in (path, name):
             if key in values:

@@ -4,6 +4,7 @@ and SGD's momentum and dampening outside [0, 1]."""
 import math
 
 import pytest
+import torch
 
 import functim as ft
 
@@ -38,3 +39,24 @@ def test_sgd_momentum_and_dampening_are_in_unit_interval(kw, name):
 def test_unit_interval_edges_are_accepted():
     ft.sgd(lr=0.1, momentum=1.0, dampening=1.0)
     ft.sgd(lr=0.1, momentum=0.0, dampening=0.0)
+
+
+@pytest.mark.parametrize("value, exc", [(math.inf, ValueError), (math.nan, ValueError),
+                                        ("0.1", TypeError)], ids=["inf", "nan", "str"])
+def test_set_hyperparams_refuses_non_finite_and_non_numbers(value, exc):
+    opt = ft.adamw(lr=1e-3)
+    state = opt.init_state({"w": torch.ones(2)})
+    with pytest.raises(exc, match="'lr'"):
+        ft.set_hyperparams(state, lr=value)
+    assert float(state["hyperparams"]["lr"]) == 1e-3
+
+
+def test_set_hyperparams_checks_ranges_with_the_optimizer():
+    opt = ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(lr=0.1, momentum=0.9))
+    state = opt.init_state({"w": torch.ones(2)})
+    with pytest.raises(ValueError, match="'optimizer.lr' must be in"):
+        ft.set_hyperparams(state, optimizer=opt, lr=-1.0)
+    with pytest.raises(ValueError, match="'optimizer.momentum' must be in"):
+        ft.set_hyperparams(state, optimizer=opt, momentum=1.5)
+    new = ft.set_hyperparams(state, optimizer=opt, lr=0.2, momentum=0.5)
+    assert float(new["optimizer"]["hyperparams"]["lr"]) == 0.2
