@@ -6,8 +6,10 @@ machine without one.
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -27,3 +29,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
 
 def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class HostTransfers(TorchDispatchMode):
+    """Records every op that moves data between the host and the ``meta`` device: on the meta
+    device (no data), a CPU stand-in for "no host sync" checks of code meant for accelerators."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.device.type for t in optree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        outputs = {t.device.type for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        if {"cpu", "meta"} <= inputs | outputs and inputs != outputs:
+            self.seen.append(str(func))
+        return out

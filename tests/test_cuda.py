@@ -37,9 +37,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from devices import DEVICES, cuda_device_count, cuda_unavailable_reason
+from devices import DEVICES, HostTransfers, cuda_device_count, cuda_unavailable_reason
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import functim as ft
 from functim import adapters
@@ -511,23 +510,6 @@ def test_adapter_step_makes_no_host_sync_on_cuda(name):
     assert all(bool(torch.isfinite(p).all()) for _, p in named)
 
 
-class _HostTransfers(TorchDispatchMode):
-    """Records every op that moves data between the host and the ``meta`` device."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.device.type for t in optree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        outputs = {t.device.type for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor)}
-        if {"cpu", "meta"} <= inputs | outputs and inputs != outputs:
-            self.seen.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_update_on_meta_reads_nothing_on_the_host(name):
     """The CPU stand-in for the CUDA sync test: on the ``meta`` device tensors have no values,
@@ -539,7 +521,7 @@ def test_update_on_meta_reads_nothing_on_the_host(name):
     grads = {k: torch.empty(s, device="meta") for k, s in SHAPES.items()}
     state = opt.init_state(params)
     params, state = opt.update(params, grads, state)
-    transfers = _HostTransfers()
+    transfers = HostTransfers()
     with transfers:
         for t in range(1, STEPS):
             params, state = opt.update(params, grads, state, **(

@@ -13,16 +13,15 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import optree
 import pytest
 import torch
 import torch._dynamo
 from conftest import assert_trees_equal, clone_tree
+from devices import HostTransfers
 from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import functim as ft
 from functim import adapters
@@ -448,23 +447,6 @@ def test_adapter_equals_the_functional_combinator_bitwise():
 
 
 # -- no host sync --------------------------------------------------------------------------------
-class _HostTransfers(TorchDispatchMode):
-    """Records every op that moves data between the host and the ``meta`` device."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.device.type for t in optree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        outputs = {t.device.type for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor)}
-        if {"cpu", "meta"} <= inputs | outputs and inputs != outputs:
-            self.seen.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("given_norm", [True, False], ids=["grad_norm", "norm_of_grads"])
 def test_update_on_meta_reads_nothing_on_the_host(given_norm):
     """The CPU stand-in for a CUDA sync check: on the ``meta`` device tensors have no values, so
@@ -475,7 +457,7 @@ def test_update_on_meta_reads_nothing_on_the_host(given_norm):
     state = opt.init_state(params)
     meta = lambda: torch.empty((), device="meta")  # noqa: E731
     extra = {"grad_norm": meta()} if given_norm else {}
-    transfers = _HostTransfers()
+    transfers = HostTransfers()
     with transfers:
         for _ in range(3):
             params, state = opt.update(params, params, state, loss=meta(), donate=True, **extra)
