@@ -1,6 +1,6 @@
 """Pytree walks shared by every optimizer and combinator (the only place that flattens trees).
 
-Conventions (see design.md §2):
+Conventions:
 - a *params tree* is any optree pytree of tensors; ``None`` leaves are allowed (frozen or absent
   parameters) and are kept as leaves (``none_is_leaf=True``) so that every per-parameter buffer tree
   has exactly the structure of the params tree;
@@ -117,7 +117,27 @@ def check_grads(owner: str, params: PyTree, grads: PyTree, *,
                 f"{owner}: param at {leaf_paths_on_error(params, i)!r} has elements that overlap "
                 "in memory (e.g. made by expand()), so it cannot be updated in place; give it "
                 "memory of its own (.clone()) or update it out of place (donate=False)")
+    if donate:
+        _check_no_aliases(owner, params, p_leaves, g_leaves)
     return p_leaves, g_leaves, spec
+
+
+def _check_no_aliases(owner: str, params: PyTree, p_leaves: list, g_leaves: list) -> None:
+    """No two updated params are the same memory (one tensor under two names, or two views of
+    the same elements): an in-place update would apply both leaves' updates to it. (Out of place,
+    leaves are independent: each name gets its own new tensor.)"""
+    seen: dict[tuple, int] = {}
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+        if p is None or g is None or p.numel() == 0:
+            continue
+        where = (p.device, p.data_ptr(), tuple(p.shape), p.stride())
+        j = seen.setdefault(where, i)
+        if j != i:
+            raise ValueError(
+                f"{owner}: params {leaf_paths_on_error(params, j)!r} and "
+                f"{leaf_paths_on_error(params, i)!r} are the same tensor, so an in-place update "
+                "(donate=True) would apply both updates to it; pass it once, or update out of "
+                "place (donate=False: each name then gets its own new tensor)")
 
 
 def check_like_param(owner: str, what: str, params: PyTree, index: int, p: torch.Tensor,

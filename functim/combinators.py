@@ -1,4 +1,5 @@
-"""Combinators: build optimizers from optimizers (design.md §2, optax-style).
+"""Combinators: build optimizers from optimizers (optax-style); each result is again an
+:class:`functim.Optimizer` with pure ``init_state``/``update``.
 
 - :func:`chain` — gradient transforms (e.g. :func:`clip_by_global_norm`) then an optimizer;
 - :func:`partition` — route leaves to optimizers by path/ndim/shape rules (:mod:`functim.rules`);
@@ -275,7 +276,7 @@ class Partition(Optimizer):
             self.validate(params, grads, state)
         check_state_keys(self.name, state, ["partition"])
         check_state_keys(self.name + " labels", state["partition"], list(self.optimizers))
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         labels = self._labels(params)
         out = list(p_leaves)
         new_states = {}
@@ -348,7 +349,7 @@ class Accumulate(Optimizer):
 
     def update(self, params, grads, state, *, donate=False, **extra):
         self.validate(params, grads, state)
-        _, g_leaves, spec = _tree.check_grads(self.name, params, grads)
+        _, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         s_leaves, _ = _tree.flatten(state["grad_sum"])
         new_sum = []
         for s, g in zip(s_leaves, g_leaves):
@@ -412,7 +413,7 @@ class SkipNonFinite(Optimizer):
 
     def update(self, params, grads, state, *, donate=False, **extra):
         check_state_keys(self.name, state, ["skipped_steps", "optimizer"])
-        _, g_leaves, _ = _tree.check_grads(self.name, params, grads)
+        _, g_leaves, _ = _tree.check_grads(self.name, params, grads, donate=donate)
         present = [g for g in g_leaves if g is not None]
         device = state["skipped_steps"].device
         if present:

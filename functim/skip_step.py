@@ -279,7 +279,7 @@ class SkipSpikes(Optimizer):
                             "one-element tensor); in a torch.optim loop use "
                             "functim.adapters.with_skip_step(...) and set optimizer.latest_loss")
         self._check_state(state)
-        _, g_leaves, _ = _tree.check_grads(self.name, params, grads)
+        _, g_leaves, _ = _tree.check_grads(self.name, params, grads, donate=donate)
         device = state["observations"].device
         loss_t = observation(self.name, "loss", loss, device)
         norm_t = (gradient_norm(g_leaves, device) if grad_norm is None
