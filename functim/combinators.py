@@ -414,7 +414,9 @@ class SkipNonFinite(Optimizer):
     def update(self, params, grads, state, *, donate=False, **extra):
         check_state_keys(self.name, state, ["skipped_steps", "optimizer"])
         _, g_leaves, _ = _tree.check_grads(self.name, params, grads, donate=donate)
-        present = [g for g in g_leaves if g is not None]
+        # every tensor input of the step: the grads and any estimate passed along (Sophia's
+        # hessian=), which would otherwise carry a NaN into the state
+        present = [g for g in g_leaves if g is not None] + _extra_tensors(extra)
         device = state["skipped_steps"].device
         if present:
             finite = torch.stack([n.to(device) for n in _norms(present, float("inf"))]
@@ -425,6 +427,13 @@ class SkipNonFinite(Optimizer):
                                              state["optimizer"], donate=donate, **extra)
         skipped = state["skipped_steps"] + (~finite).to(state["skipped_steps"].dtype)
         return params_out, {"skipped_steps": skipped, "optimizer": inner_out}
+
+
+def _extra_tensors(extra: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The floating-point tensors in the extra keyword arguments of an update (trees of them,
+    such as Sophia's ``hessian=``; callables and other values are not inputs to check)."""
+    return [x for v in extra.values() for x in _tree.flatten(v)[0]
+            if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
 
 def gated_update(optimizer: Optimizer, take: torch.Tensor, params: PyTree, grads: PyTree,

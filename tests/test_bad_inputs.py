@@ -8,6 +8,8 @@ import torch
 from conftest import assert_trees_equal, clone_tree
 from test_adapter_safety import FUNCTIONAL
 
+import functim as ft
+
 
 @pytest.mark.parametrize("name", list(FUNCTIONAL))
 def test_one_tensor_under_two_names_is_refused_in_place(name):
@@ -34,3 +36,23 @@ def test_one_tensor_under_two_names_out_of_place_gives_independent_leaves(name):
     want, _ = opt.update(separate, grads, opt.init_state(separate))
     assert_trees_equal(got, want)
     assert torch.equal(shared, torch.linspace(-1, 1, 6).reshape(3, 2))
+
+
+def test_skip_nonfinite_checks_sophias_hessian_estimate():
+    opt = ft.skip_nonfinite(ft.sophia(lr=1e-2))
+    params = {"w": torch.ones(3, 2)}
+    state = opt.init_state(params)
+    grads = {"w": torch.ones(3, 2)}
+    estimate = {"w": torch.full((3, 2), float("nan"))}
+    new_params, new_state = opt.update(params, grads, state, hessian=estimate)
+    assert torch.equal(new_params["w"], params["w"])
+    assert int(new_state["skipped_steps"]) == 1
+    assert_trees_equal(new_state["optimizer"], state["optimizer"])
+
+
+@pytest.mark.parametrize("value", ["x", float("inf"), -1.0])
+def test_nadamw_momentum_decay_checked_for_every_variant(value):
+    with pytest.raises((TypeError, ValueError), match="'momentum_decay'"):
+        ft.nadamw(momentum_decay=value)
+    with pytest.raises((TypeError, ValueError), match="'momentum_decay'"):
+        ft.nadamw(momentum_decay=value, variant="torch")

@@ -102,8 +102,9 @@ def nadamw(
     ranges = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
               "weight_decay": NONNEGATIVE, "momentum_decay": NONNEGATIVE}
     torch_form = variant == "torch"
+    # checked whatever the variant (a bad value is a mistake even where it is not used)
+    check_hyperparam("nadamw", "momentum_decay", momentum_decay, NONNEGATIVE)
     if torch_form:
-        check_hyperparam("nadamw", "momentum_decay", momentum_decay, NONNEGATIVE)
         hyper["momentum_decay"] = momentum_decay
     else:
         del ranges["momentum_decay"]
