@@ -29,7 +29,7 @@ from .hyperparams import (
     resolve_hyperparams,
 )
 from .kernels import needs_per_tensor
-from .rules import Explanation, Rule, explain
+from .rules import Explanation, Rule, explain, rule_labels
 
 PyTree = Any
 
@@ -220,7 +220,7 @@ class Partition(Optimizer):
         for lab, o in optimizers.items():
             if not isinstance(o, Optimizer):
                 raise TypeError(f"partition: optimizers[{lab!r}] is not a functim Optimizer")
-        labels = [r.label for r in rules] if not isinstance(rules, Mapping) else list(rules)
+        labels = rule_labels(self.name, rules)
         unknown = sorted(set(labels) - set(optimizers))
         if unknown:
             raise ValueError(f"partition: rules name labels {unknown} that have no optimizer "

@@ -1,7 +1,10 @@
 """Routing parameters by rules over their dotted paths (globs), ndim and shape.
 
 One mechanism serves :func:`functim.partition`, weight-decay masks, the torch.optim adapter (which
-learns paths from ``model.named_parameters()``) and the OLMo-core configs (design.md §4).
+learns paths from ``model.named_parameters()``) and the OLMo-core configs, so a parameter is
+routed the same way on every surface. Defaults follow what works in language-model pretraining:
+embeddings, the output head, biases, norms and ndim < 2 tensors go to the elementwise optimizer
+(and get no weight decay), hidden matrices to the matrix optimizer.
 
 Two forms:
 - an **ordered list of** :class:`Rule`: the first rule that matches claims the leaf (later
@@ -45,10 +48,21 @@ class Rule:
     def __post_init__(self):
         if not isinstance(self.label, str) or not self.label:
             raise TypeError(f"Rule label must be a non-empty string, got {self.label!r}")
-        globs = (self.path,) if isinstance(self.path, str) else tuple(self.path or ())
-        if not all(isinstance(g, str) for g in globs):
-            raise TypeError(f"Rule path must be a glob string or a list of them, got {self.path!r}")
-        object.__setattr__(self, "_globs", globs)
+        path = self.path
+        if path is not None and not isinstance(path, str) and not (
+                isinstance(path, Sequence) and all(isinstance(g, str) for g in path)):
+            raise TypeError(f"Rule({self.label!r}): path must be a glob string or a list of "
+                            f"them, got {path!r}")
+        if not (self.ndim is None or callable(self.ndim) or _is_int(self.ndim) or (
+                isinstance(self.ndim, Sequence) and all(map(_is_int, self.ndim)))):
+            raise TypeError(f"Rule({self.label!r}): ndim must be an int, a list of ints or a "
+                            f"predicate, got {self.ndim!r}")
+        if not (self.shape is None or callable(self.shape) or (
+                isinstance(self.shape, Sequence) and not isinstance(self.shape, str)
+                and all(d is None or _is_int(d) for d in self.shape))):
+            raise TypeError(f"Rule({self.label!r}): shape must be a tuple of ints (None = any "
+                            f"size) or a predicate, got {self.shape!r}")
+        object.__setattr__(self, "_globs", (path,) if isinstance(path, str) else tuple(path or ()))
 
     def matches(self, path: str, leaf: torch.Tensor) -> bool:
         if self._globs and not any(fnmatch.fnmatchcase(path, g) for g in self._globs):
@@ -82,6 +96,28 @@ class Rule:
         if self.shape is not None:
             parts.append(f"shape {getattr(self.shape, '__name__', self.shape)}")
         return f"{self.label} <- " + (", ".join(parts) if parts else "everything")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def rule_labels(owner: str, rules: Any) -> list[str]:
+    """The labels that ``rules`` routes to, after checking its form: an ordered list of
+    :class:`Rule`, or a mapping ``{label: selector}`` (see the module docstring). A TypeError
+    names the first item that is neither."""
+    if isinstance(rules, Mapping):
+        for label, sel in rules.items():
+            _selector_rule(label, sel)  # raises TypeError naming the label
+        return list(rules)
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise TypeError(f"{owner}: rules must be a list of functim.Rule or a dict {{label: "
+                        f"selector}}, got {rules!r}")
+    for i, r in enumerate(rules):
+        if not isinstance(r, Rule):
+            raise TypeError(f"{owner}: rule {i} must be a functim.Rule (e.g. "
+                            f"functim.Rule('adamw', path='*.bias')), got {r!r}")
+    return [r.label for r in rules]
 
 
 @dataclass(frozen=True)
@@ -205,7 +241,7 @@ NO_DECAY_RULES: tuple[Rule, ...] = (
 
 
 def lm_routing(*, hidden: str, vector: str, embedding: str, output: str) -> tuple[Rule, ...]:
-    """The default routing of a language model's parameters (design.md §4), first match wins:
+    """The default routing of a language model's parameters, first match wins:
     ndim < 2 leaves, biases and norms → ``vector``; input embeddings → ``embedding``; the output
     head (``lm_head``, ``output.weight``; a tied head is the embedding) → ``output``; every other
     leaf with ndim ≥ 2 → ``hidden``. Muon uses ``hidden="muon"`` and ``"adamw"`` elsewhere; Scion
@@ -221,7 +257,8 @@ def lm_routing(*, hidden: str, vector: str, embedding: str, output: str) -> tupl
 
 def default_weight_decay_mask(path: str, leaf: torch.Tensor) -> bool:
     """True where weight decay applies: matrices, but not biases, norms or embeddings
-    (the nanoGPT / LEV ``reasonable_default`` convention, algorithms.md §1(d)).
+    (the convention of nanoGPT's ``configure_optimizers`` and Levanter's
+    ``build_weight_decay_mask``).
     The rules are :data:`NO_DECAY_RULES` (first match wins)."""
     for r in NO_DECAY_RULES:
         if r.matches(path, leaf):

@@ -56,3 +56,29 @@ def test_nadamw_momentum_decay_checked_for_every_variant(value):
         ft.nadamw(momentum_decay=value)
     with pytest.raises((TypeError, ValueError), match="'momentum_decay'"):
         ft.nadamw(momentum_decay=value, variant="torch")
+
+
+RULE_CASES = {
+    "tuple-rule": ([("sgd", "0.*"), ft.Rule("adamw")], TypeError, "rule 0 must be a functim.Rule"),
+    "str-rules": ("adamw", TypeError, "rules must be a list"),
+    "none-rules": (None, TypeError, "rules must be a list"),
+    "dict-rule-item": ([{"label": "adamw"}], TypeError, "rule 0 must be a functim.Rule"),
+    "bad-selector": ({"adamw": 3}, TypeError, "selector for label 'adamw'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_malformed_rules_are_a_type_error_at_construction(case):
+    rules, exc, match = RULE_CASES[case]
+    with pytest.raises(exc, match=match):
+        ft.partition(rules, {"sgd": ft.sgd(lr=0.1), "adamw": ft.adamw()})
+    if rules is not None:  # (muon's routing=None is its default routing)
+        with pytest.raises(exc, match=match):
+            ft.muon(routing=rules)
+
+
+@pytest.mark.parametrize("kw, match", [({"ndim": "2"}, "ndim"), ({"shape": 3}, "shape"),
+                                       ({"path": 5}, "path"), ({"ndim": [2, "3"]}, "ndim")])
+def test_rule_criteria_of_the_wrong_type_are_refused(kw, match):
+    with pytest.raises(TypeError, match=f"Rule\\('x'\\): {match}"):
+        ft.Rule("x", **kw)

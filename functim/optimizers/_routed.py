@@ -34,13 +34,13 @@ from ..hyperparams import (
 )
 from ..kernels import ListOps, has_dtensor
 from ..linalg import MatrixDims, from_matrix, matrix_shape, orthogonalize_many, to_matrix
-from ..rules import Explanation, Rule, explain
+from ..rules import Explanation, Rule, explain, rule_labels
 
 MatrixDimsSpec = Any  # None | {glob: MatrixDims} | callable (path, leaf) -> MatrixDims | None
 
 
 @dataclass(frozen=True)
-class LeafPlan:
+class LeafRoute:
     """What the optimizer does with one leaf: its label and, for matrix labels, its matrix view
     (``dims``; ``rows``/``cols`` of the view, ``batch`` its leading batch shape)."""
 
@@ -99,11 +99,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
                  state_dtype: torch.dtype | None = None):
         for k, v in hyperparams.items():
             check_hyperparam(self.name, k, v, ranges[k])
-        used = [r.label for r in routing] if not isinstance(routing, Mapping) else list(routing)
-        for r in (routing if not isinstance(routing, Mapping) else ()):
-            if not isinstance(r, Rule):
-                raise TypeError(f"{self.name}: routing must be a list of functim.Rule or a dict "
-                                f"{{label: selector}}, got {r!r}")
+        used = rule_labels(f"{self.name}: routing", routing)
         unknown = sorted(set(used) - set(self.labels))
         if unknown:
             raise ValueError(f"{self.name}: routing names labels {unknown}; the labels are "
@@ -125,7 +121,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         """The routing table: which rule sent each parameter to which label."""
         return explain(self.routing, params, owner=self.name)
 
-    def plan(self, params: Any) -> list[LeafPlan]:
+    def plan(self, params: Any) -> list[LeafRoute]:
         """Per-leaf plans (cached per tree structure and shapes); raises for unclaimed leaves,
         labels that cannot take a leaf, and undeclared N-D matrix views."""
         leaves, _ = _tree.flatten(params)
@@ -144,16 +140,16 @@ class RoutedOptimizer(Optimizer, abc.ABC):
             self._plans[key] = plans
         return plans
 
-    def _leaf_plan(self, path: str, label: str | None, x: torch.Tensor | None) -> LeafPlan:
+    def _leaf_plan(self, path: str, label: str | None, x: torch.Tensor | None) -> LeafRoute:
         if x is None or label not in self.matrix_labels:
-            return LeafPlan(path, label)
+            return LeafRoute(path, label)
         if x.ndim < 2:
             raise ValueError(
                 f"{self.name}: parameter {path!r} (shape {tuple(x.shape)}) was routed to "
                 f"{label!r}, which needs a matrix; route ndim < 2 leaves to another label")
         dims = matrix_dims_for(self.name, self.matrix_dims, path, x)
         batch, rows, cols = matrix_shape(x.shape, dims, where=f"{self.name}: {path!r}")
-        return LeafPlan(path, label, dims, batch, rows, cols)
+        return LeafRoute(path, label, dims, batch, rows, cols)
 
     # -- state ---------------------------------------------------------------------------
     def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
@@ -217,20 +213,20 @@ class RoutedOptimizer(Optimizer, abc.ABC):
 
     @abc.abstractmethod
     def step_leaves(self, p_leaves: list, g_leaves: list, bufs: dict[str, list],
-                    plans: list[LeafPlan], hp: dict[str, torch.Tensor], step: torch.Tensor,
+                    plans: list[LeafRoute], hp: dict[str, torch.Tensor], step: torch.Tensor,
                     *, donate: bool) -> tuple[list, dict[str, list]]:
         """One update on flat leaf lists (``None`` params/grads are skipped); ``step`` is the
         1-based index of this update. Returns (new params, {buffer: new leaves})."""
 
 
-def select(plans: Sequence[LeafPlan], p_leaves: list, g_leaves: list,
-           where: Callable[[LeafPlan], bool]) -> list[int]:
+def select(plans: Sequence[LeafRoute], p_leaves: list, g_leaves: list,
+           where: Callable[[LeafRoute], bool]) -> list[int]:
     """Indices of the leaves to update that satisfy ``where``."""
     return [i for i, (pl, p, g) in enumerate(zip(plans, p_leaves, g_leaves))
             if p is not None and g is not None and where(pl)]
 
 
-def orthogonalized_update(plans: Sequence[LeafPlan], u: list[torch.Tensor],
+def orthogonalized_update(plans: Sequence[LeafRoute], u: list[torch.Tensor],
                           scales: list[float], ns: Mapping[str, Any]) -> list[torch.Tensor]:
     """``scale_i · NS(u_i)`` in each leaf's shape; leaves of equal matrix shape share one
     batched Newton–Schulz iteration. Used by Muon and Scion's spectral LMO.
