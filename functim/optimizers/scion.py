@@ -1,23 +1,40 @@
-"""Scion (Pethick et al. 2025), following the SCION reference ``scion.py`` (algorithms.md §6,
-§15.1 item 6).
+"""Scion: steepest descent under a per-layer norm, through its linear minimisation oracle (LMO).
 
-Per leaf, with ``α`` = ``momentum`` in the reference's parametrisation (1 − the usual momentum;
-1.0 = no momentum, no state)::
+Update, per leaf, with ``α`` = ``momentum`` in the reference's parametrisation (1 − the usual
+momentum; 1.0 = no momentum, no state)::
 
     d ← (1−α)·d + α·g ; dir = d          (dir = g when the optimizer was built with momentum=1)
-    U = scale · lmo(dir)                  (per-norm scale = the radius ρ)
+    U = scale · lmo(dir)                  (per-norm scale = the radius ρ of the norm ball)
     p ← (1−η)·p                           (constrained, the default: a Frank–Wolfe step)
     p ← p − η·U
 
-Each leaf is routed to a norm by functim's rules (:func:`functim.lm_routing` by default:
-hidden matrices ``Spectral``, input embeddings ``ColNorm(transpose=True)`` (one RMS-normalised
-vector per token, the reference's advice for ``(vocab, dim)`` embeddings), the output head
-``Sign``, biases/norms/ndim < 2 ``BiasRMS``). Matrix norms act on the leaf's matrix view
-``(d_out, d_in)`` (2-D leaves as they are; N-D leaves declared with ``matrix_dims``, batched over
-its batch dims). The reference's ``init()`` (re-initialising weights to each norm's ball) is not
-part of the optimizer; ``SpectralConv`` is ``Spectral`` on a declared conv view (its ``/k²`` factor
-is a ``scale``). The LEV "scion" used by Wen et al. is a different algorithm (Muon + Signum), which
-composes from :func:`functim.muon` routing and :func:`functim.signum`.
+The LMOs act on the leaf's matrix view ``(d_out, d_in)``: ``Spectral`` ``NS5(g)·s`` with
+``s = sqrt(d_out/d_in)`` (``max=True``: ``max(1, s)``), ``Sign`` ``sign(g)/d_in`` (normalised) or
+``sign(g)``, ``ColNorm``/``RowNorm`` columns/rows scaled to unit RMS/norm, ``BiasRMS``
+``g / (RMS(g) + 1e-8)`` for vectors. Constrained Scion is decoupled weight decay with ``λ = 1``.
+
+Paper: Pethick et al. 2025, "Training Deep Learning Models with Norm-Constrained LMOs",
+arXiv 2502.07529. Reference code: LIONS-EPFL/scion@f58a393 ``scion.py`` (``Scion`` and its norms).
+
+Choices against the reference:
+
+- Each leaf is routed to a norm by functim's rules (:func:`functim.lm_routing` by default: hidden
+  matrices ``Spectral``, input embeddings ``ColNorm(transpose=True)`` (one RMS-normalised vector
+  per token, the reference's advice for ``(vocab, dim)`` embeddings), the output head ``Sign``,
+  biases/norms/ndim < 2 ``BiasRMS``); the reference chooses a norm per param group.
+- Matrix norms act on the leaf's matrix view (2-D leaves as they are; N-D leaves declared with
+  ``matrix_dims``, batched over its batch dims). ``SpectralConv`` is ``Spectral`` on a declared
+  conv view (its ``/k²`` factor is a ``scale``).
+- The reference's ``init()`` (re-initialising weights to each norm's ball) is not part of the
+  optimizer.
+- Newton–Schulz is functim's shared eager iteration (:func:`functim.orthogonalize`: bfloat16 on
+  CUDA as the reference, at least float32 elsewhere; ``ns_dtype`` overrides). The reference
+  wraps it in ``torch.compile``, whose bfloat16 results are not bitwise the eager ones.
+- The Levanter "scion" used by Wen et al. (arXiv 2509.02046) is a different algorithm (Muon on
+  hidden matrices + Signum elsewhere); it composes from :func:`functim.muon` routing and
+  :func:`functim.signum`.
+
+Reductions (docs/algorithms.md): R14, R15 (Scion ≡ Muon variants), R16 (Sign ≡ Signum), R37.
 
 State: ``step``, ``hyperparams`` (``lr``, ``momentum``), and ``momentum_buffer`` for every leaf
 unless the optimizer was built with ``momentum=1``.
@@ -36,7 +53,7 @@ from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
 from ..linalg import NS5_COEFFICIENTS, from_matrix, to_matrix
 from ..rules import Rule, lm_routing
 from ._routed import (
-    LeafPlan,
+    LeafRoute,
     MatrixDimsSpec,
     RoutedOptimizer,
     apply_update,
@@ -199,7 +216,7 @@ class Scion(RoutedOptimizer):
                 new_p[idx[j]] = x
         return new_p, new_bufs
 
-    def _lmos(self, plans: Sequence[LeafPlan], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _lmos(self, plans: Sequence[LeafRoute], xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``scale·lmo(x)`` per leaf; the spectral ones share batched Newton–Schulz runs."""
         out: list[torch.Tensor | None] = [None] * len(xs)
         spectral = [k for k, pl in enumerate(plans) if isinstance(self.norms[pl.label], Spectral)]
