@@ -16,6 +16,8 @@ from typing import Any
 import optree
 import torch
 
+from .kernels import is_dtensor
+
 PyTree = Any
 
 _NONE_IS_LEAF = True
@@ -128,7 +130,11 @@ def _check_no_aliases(owner: str, params: PyTree, p_leaves: list, g_leaves: list
     leaves are independent: each name gets its own new tensor.)"""
     seen: dict[tuple, int] = {}
     for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
-        if p is None or g is None or p.numel() == 0:
+        if p is None or g is None:
+            continue
+        if is_dtensor(p):  # (a DTensor's own data_ptr says nothing: its shard's does)
+            p = p.to_local()
+        if p.numel() == 0:
             continue
         where = (p.device, p.data_ptr(), tuple(p.shape), p.stride())
         j = seen.setdefault(where, i)

@@ -145,14 +145,31 @@ def get_hyperparams(state: Any) -> dict[str, torch.Tensor]:
     return {path: sub[name] for path, name, _, sub in _walk_hparams(state)}
 
 
+def _check_new_value(path: str, value: Any, allowed: Range) -> None:
+    """A value for :func:`set_hyperparams` (see there)."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        check_hyperparam("set_hyperparams", path, value, allowed)
+        return
+    if not value.is_floating_point():
+        raise TypeError(f"set_hyperparams: hyperparameter {path!r} must be floating point, got "
+                        f"{value.dtype}")
+    if value.device.type == "cpu" and not _is_functorch_wrapped(value):
+        bad = [v for v in value.detach().flatten().tolist() if not allowed.contains(v)]
+        if bad:
+            raise ValueError(f"set_hyperparams: hyperparameter {path!r} must be in {allowed}, "
+                             f"got {bad[0]} among its values")
+
+
 def set_hyperparams(state: Any, *, optimizer: Any = None, **values: Any) -> Any:
     """A copy of ``state`` with hyperparameters replaced (pure: ``state`` is not modified).
 
     A keyword matches every hyperparameter with that name (``lr=1e-3`` sets all learning rates) or
     one full dotted path (pass it as ``**{"partition.muon.lr": 0.02}``). Unknown names raise.
 
-    Every value is checked before anything is replaced: a finite number or a 0-d floating
-    tensor (a TypeError or ValueError naming it otherwise). With ``optimizer`` (the
+    Every value is checked before anything is replaced: a finite number, or a floating tensor
+    (of any shape: a vector gives each member of a :func:`functim.ensemble` its own value) whose
+    elements are finite where they can be read without a device sync (on the CPU, outside
+    torch.func). A TypeError or ValueError names it otherwise. With ``optimizer`` (the
     :class:`~functim.Optimizer` that made ``state``), each value must also be in that
     hyperparameter's range, as at construction (``optimizer.hyperparam_ranges()``); the state
     alone does not say which ranges apply.
@@ -173,8 +190,7 @@ def set_hyperparams(state: Any, *, optimizer: Any = None, **values: Any) -> Any:
     for path, name, _, _sub in _walk_hparams(new):
         for key in (path, name):
             if key in values:
-                check_hyperparam("set_hyperparams", path, values[key],
-                                 ranges.get(path, Range()))
+                _check_new_value(path, values[key], ranges.get(path, Range()))
     for path, name, _, sub in list(_walk_hparams(new)):
         for key in (path, name):
             if key in values:
