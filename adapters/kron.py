@@ -1,5 +1,6 @@
-"""``Kron``: kron_torch's ``Kron`` signature as a ``torch.optim.Optimizer`` over
-:func:`functim.optimizers.kron.kron` (algorithms.md §8).
+"""``Kron``: kron_torch's ``Kron`` signature (evanatyourservice/kron_torch@884427c) as a
+``torch.optim.Optimizer`` over :func:`functim.optimizers.kron.kron` (update rule and choices:
+:mod:`functim.optimizers.kron`).
 
 Group keys ``lr``, ``b1``, ``weight_decay`` and ``precond_lr`` are hyperparameters read at every
 step (LR schedulers drive ``lr``); every other keyword (``preconditioner_update_probability``,

@@ -1,5 +1,4 @@
-"""OLMo-core configs for functim's torch.optim adapters (design.md §2; the requirements are
-§4 of olmo-core-contract.md, the project's notes on OLMo-core 3.0.0 beside design.md).
+"""OLMo-core configs for functim's torch.optim adapters (OLMo-core 3.0.0).
 
 Each config is a ``@dataclass`` subclass of ``olmo_core.optim.OptimConfig``, registered with
 OLMo-core's config registry as ``functim_<functional name>`` (``functim_adamw``, ...), whose
@@ -31,6 +30,26 @@ functim rejects (``capturable``, ``differentiable``).
 parameters with their names and routing rules over OLMo-core's parameter names
 (:func:`olmo_transformer_rules`): hidden matrices to Muon / the spectral norm, embeddings, the
 output head and every ndim < 2 tensor to AdamW / their own norms.
+
+The contract these configs and their optimizers keep (what OLMo-core's trainer, its
+checkpointer and ``torch.distributed.checkpoint`` rely on; ``tests/test_olmo.py`` checks it):
+
+- the config is a registered ``@dataclass`` subclass of ``OptimConfig`` (``from_dict``, YAML/CLI
+  overrides and ``as_config_dict`` go through OLMo-core's registry); every field other than
+  ``group_overrides``, ``compile`` and ``fixed_fields`` is an ``optimizer()`` keyword argument;
+  there is an ``lr`` field, so ``build`` sets ``lr`` and ``initial_lr`` on every group;
+- the built optimizer is a ``torch.optim.Optimizer`` constructed from a list of group dicts; it
+  reads every hyperparameter from ``param_groups`` at each step (``lr`` as a float or a 0-d
+  tensor) and caches none;
+- a step with zero gradients and ``lr = 0`` moves no param (weight decay scales with ``lr``):
+  the checkpointer's first, zero-gradient step must not change the weights;
+- all per-parameter state lives in ``self.state[p]`` as tensors and plain numbers, with every
+  key present after the first step (keys created later are dropped on load); under FSDP2 the
+  state tensors are DTensors placed like their params;
+- the ``param_groups`` keys and order are stable across versions (a new key breaks strict
+  loading of old checkpoints; ``fixed_fields`` and the per-group lr metrics go by index);
+- float state keeps its saved dtype through ``load_state_dict`` (torch's own would cast it to
+  the param dtype, e.g. float32 moments of bfloat16 params to bfloat16).
 """
 
 import dataclasses
@@ -265,9 +284,9 @@ def _at_least_2d(ndim: int) -> bool:
 
 def olmo_transformer_rules(*, hidden: str, vector: str, embedding: str,
                            output: str) -> tuple[Rule, ...]:
-    """Routing rules over OLMo-core ``Transformer`` parameter names (design.md §4; the
-    categories of OLMo-core's ``MatrixAwareOptimConfig.categorize_parameters``), first match
-    wins; the signature is :func:`functim.lm_routing`'s:
+    """Routing rules over OLMo-core ``Transformer`` parameter names (the categories of
+    OLMo-core's ``MatrixAwareOptimConfig.categorize_parameters``), first match wins; the
+    signature is :func:`functim.lm_routing`'s:
 
     1. every tensor with ndim < 2 (norm weights, biases, gains) -> ``vector``;
     2. ``embeddings.*`` (the input embedding) -> ``embedding``;
@@ -326,7 +345,7 @@ class RoutedOptimConfig(FunctimOptimConfig[Opt]):
         return [{**g, "params": [(names[id(p)], p) for p in g["params"]]} for g in groups]
 
 
-# -- the configs (design.md §2) ------------------------------------------------------------------
+# -- the configs (one per functional optimizer) -------------------------------------------------
 @register("sgd", omit=("differentiable", "weight_decay_mask"))
 @dataclass
 class SGDConfig(FunctimOptimConfig[SGD]):

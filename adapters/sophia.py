@@ -1,5 +1,6 @@
-"""``Sophia``: the SophiaG reference's signature (Liuhong99/Sophia ``sophia.py``) as a
-``torch.optim.Optimizer`` over :func:`functim.sophia` (algorithms.md §5).
+"""``Sophia``: the SophiaG reference's signature (Liuhong99/Sophia@a7e1572 ``sophia.py``) as a
+``torch.optim.Optimizer`` over :func:`functim.sophia` (update rule and choices:
+:mod:`functim.optimizers.sophia`).
 
 ``step()`` is the functional update (the elementwise fast path of
 :class:`~functim.adapters.FunctimOptimizer`); ``update_hessian(...)`` is the functional Hessian

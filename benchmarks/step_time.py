@@ -114,7 +114,8 @@ Columns of the ``--optimizers`` table:
 - ``floor ms``: bytes/param x n_params / the probe's GB/s (the time to move the bytes at the
   measured bandwidth); ``compiled/floor``: target at most 1.5;
 - ``state x params``: bytes of every tensor in ``opt.init_state(params)`` except 0-d scalars
-  (step, hyperparameters), over 4 x n_params; against the number in algorithms.md §14.
+  (step, hyperparameters), over 4 x n_params; against the expected count (docs/algorithms.md
+  section 15).
 
 Each worker also sums ``|p_final - p_initial|`` (after the same number of steps); the script
 warns when an optimizer's compiled sum differs from its eager one by more than a relative 1e-4.
@@ -468,13 +469,14 @@ class OptSpec:
         self.make = make  # () -> optimizer; for an optional one, (its constructor) -> optimizer
         self.bytes_formula = bytes_formula  # "p rw 8 + g r 4 + ...": summed for bytes/param
         self.bytes = sum(int(term.split()[-1]) for term in bytes_formula.split("+"))
-        self.state_ref = state_ref  # algorithms.md §14, state tensors x param count
+        self.state_ref = state_ref  # expected state tensors x param count (docs/algorithms.md)
         self.state_ref_text = state_ref_text or f"{state_ref:g}"
         self.module = module  # "pkg.module:function" of an optional optimizer, else None
 
 
 # bytes/param: float32 traffic of one step, each tensor read ("r") or read and written ("rw")
-# once; "rw 8" = 4 bytes read + 4 written. §14 counts state tensors per param, scalars ignored.
+# once; "rw 8" = 4 bytes read + 4 written. state_ref counts state tensors per param, scalars
+# ignored.
 # A per-tensor reduction that every element's update depends on (Cautious's mask count, MARS's
 # clip norm of the corrected gradient) must finish before that leaf steps, so even a fully fused
 # step reads its inputs twice: that first pass ("count pass", "norm pass") is counted too.

@@ -19,30 +19,22 @@ from .ensemble import ensemble, vmap_axes
 from .hessian import gnb_hessian, hutchinson_hessian
 from .hyperparams import get_hyperparams, set_hyperparams
 from .linalg import MatrixDims, orthogonalize
-from .optimizers import (
-    BiasRMS,
-    ColNorm,
-    RowNorm,
-    Sign,
-    Spectral,
-    adamw,
-    cautious_adamw,
-    cautious_lion,
-    kron,
-    lion,
-    mars,
-    muon,
-    nadamw,
+from .optimizers.adamw import adamw
+from .optimizers.cautious import cautious_adamw, cautious_lion
+from .optimizers.kron import kron
+from .optimizers.lion import lion, signsgd, signum
+from .optimizers.mars import mars
+from .optimizers.muon import muon
+from .optimizers.nadamw import nadamw
+from .optimizers.schedule_free import (
     schedule_free_adamw,
     schedule_free_eval_params,
     schedule_free_train_params,
-    scion,
-    sgd,
-    signsgd,
-    signum,
-    soap,
-    sophia,
 )
+from .optimizers.scion import BiasRMS, ColNorm, RowNorm, Sign, Spectral, scion
+from .optimizers.sgd import sgd
+from .optimizers.soap import soap
+from .optimizers.sophia import sophia
 from .rules import NO_DECAY_RULES, Rule, default_weight_decay_mask, explain, lm_routing
 from .schedules import (
     Schedule,

@@ -309,6 +309,36 @@ def owner_compute(
 
     Adopting it in a matrix optimizer: see "Adopting owner_compute" in the module docstring.
     """
+    templates = _checked_templates(args, out)
+    mode = _MODE.get() if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"owner_compute: mode must be one of {MODES}, got {mode!r}")
+    single = out is None or len(templates) == 1
+    meshes = _job_meshes(args, templates)
+    n = len(meshes)
+
+    results: list[Any] = [None] * n
+    plain = [i for i in range(n) if meshes[i] is None]
+    if plain:
+        _run(fn, args, plain, results, single)
+        _record(local=len(plain))
+    dist_jobs = [i for i in range(n) if meshes[i] is not None]
+    if not dist_jobs:
+        _record(call=True)
+        return results
+    if mode == "local":
+        _local(fn, args, templates, dist_jobs, results, single)
+        _record(local=len(dist_jobs), call=True)
+        return results
+    computed = _owner(fn, args, templates, dist_jobs, meshes, results, single)
+    _record(call=True, computed=computed)
+    return results
+
+
+def _checked_templates(args: Sequence[Sequence[Any]], out: Sequence[Sequence[Any]] | None
+                       ) -> tuple:
+    """The output templates (``out``, or ``(args[0],)``) after checking every list has one
+    entry per job."""
     if not args:
         raise TypeError("owner_compute: give at least one list of arguments")
     n = len(args[0])
@@ -322,13 +352,14 @@ def owner_compute(
     for k, t in enumerate(templates):
         if len(t) != n:
             raise ValueError(f"owner_compute: out[{k}] has {len(t)} templates for {n} jobs")
-    mode = _MODE.get() if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"owner_compute: mode must be one of {MODES}, got {mode!r}")
-    single = out is None or len(templates) == 1
+    return templates
 
+
+def _job_meshes(args: Sequence[Sequence[Any]], templates: tuple) -> list[DeviceMesh | None]:
+    """Each job's device mesh (``None``: no DTensor, a plain job), after checking that a job's
+    DTensors share one mesh and that its templates can be scattered to."""
     meshes: list[DeviceMesh | None] = []
-    for i in range(n):
+    for i in range(len(args[0])):
         ds = [a[i] for a in args if is_dtensor(a[i])]
         ds += [t[i] for t in templates if is_dtensor(t[i]) or isinstance(t[i], Layout)]
         mesh = ds[0].device_mesh if ds and is_dtensor(ds[0]) else (ds[0].mesh if ds else None)
@@ -347,23 +378,7 @@ def owner_compute(
                 raise TypeError(f"owner_compute: out[{k}][{i}] must be a DTensor, a Layout, a "
                                 f"tensor or None, got {type(t[i]).__name__}")
         meshes.append(mesh)
-
-    results: list[Any] = [None] * n
-    plain = [i for i in range(n) if meshes[i] is None]
-    if plain:
-        _run(fn, args, plain, results, single)
-        _record(local=len(plain))
-    dist_jobs = [i for i in range(n) if meshes[i] is not None]
-    if not dist_jobs:
-        _record(call=True)
-        return results
-    if mode == "local":
-        _local(fn, args, templates, dist_jobs, results, single)
-        _record(local=len(dist_jobs), call=True)
-        return results
-    computed = _owner(fn, args, templates, dist_jobs, meshes, results, single)
-    _record(call=True, computed=computed)
-    return results
+    return meshes
 
 
 def _run(fn, args, idx, results, single) -> list:
@@ -403,12 +418,30 @@ def _local(fn, args, templates, idx, results, single) -> None:
 
 
 def _owner(fn, args, templates, idx, meshes, results, single) -> int:
-    """The exact path: gather each job whole on its owner, compute there, scatter back."""
+    """The exact path: gather each job whole on its owner, compute there, scatter back.
+    Returns the number of jobs this rank computed."""
     clock = _Clock(_timing())
-    # jobs of one layout (mesh + every argument's and template's layout) share stacks
+    stacks = _stacks(args, templates, idx, meshes)
+    mine = _gather(args, stacks)
+    exchange = clock.lap()
+    res_by_job = _compute_owned(fn, mine, len(args), len(templates), single)
+    compute = clock.lap()
+    _scatter(args, templates, stacks, res_by_job, results, single)
+    exchange += clock.lap()
+    _record(exchange=exchange, compute=compute)
+    return len(mine)
+
+
+Stack = tuple[DeviceMesh, list[int | None]]  # (mesh, the job held by each of its W slots)
+
+
+def _stacks(args, templates, idx, meshes) -> list[Stack]:
+    """The jobs ``idx`` in stacks of ``W`` (the mesh's ranks): jobs of one layout (mesh + every
+    argument's and template's layout) share stacks, and the ``k``-th job of a mesh goes to slot
+    ``k % W`` (round-robin, as :func:`assign_owners`)."""
     keys = [(meshes[i], tuple(_layout_key(a[i]) for a in args),
              tuple(_layout_key(t[i]) for t in templates)) for i in idx]
-    stacks: list[tuple[DeviceMesh, list]] = []  # (mesh, [job index or None] * W)
+    stacks: list[Stack] = []
     counters: dict[DeviceMesh, int] = {}
     groups: dict[Any, list[int]] = {}
     for i, k in zip(idx, keys):
@@ -420,12 +453,15 @@ def _owner(fn, args, templates, idx, meshes, results, single) -> int:
             chunk = members[s:s + world]
             c = counters.get(mesh, 0)
             slots: list[int | None] = [None] * world
-            for j, job in enumerate(chunk):  # round-robin: the k-th job of this mesh -> k % W
+            for j, job in enumerate(chunk):
                 slots[(c + j) % world] = job
             counters[mesh] = c + len(chunk)
             stacks.append((mesh, slots))
+    return stacks
 
-    # 1. gather: each rank receives the whole arguments of the jobs it owns
+
+def _gather(args, stacks: list[Stack]) -> dict[int, list]:
+    """Phase 1: each rank receives the whole arguments of the jobs it owns ({job: arguments})."""
     mine: dict[int, list] = {}
     for mesh, slots in stacks:
         me = _flat_index(mesh)
@@ -447,29 +483,34 @@ def _owner(fn, args, templates, idx, meshes, results, single) -> int:
             whole.append(_settle(got)[0] if job is not None else None)
         if job is not None:
             mine[job] = whole
-    exchange = clock.lap()
+    return mine
 
-    # 2. compute: one call of fn over every job this rank owns (fn batches equal shapes)
+
+def _compute_owned(fn, mine: dict[int, list], n_args: int, n_out: int, single: bool
+                   ) -> dict[int, tuple]:
+    """Phase 2: one call of ``fn`` over every job this rank owns (``fn`` batches equal shapes);
+    {job: its outputs}."""
     owned = sorted(mine)
     res_by_job: dict[int, tuple] = {}
     if owned:
-        res = list(fn(*[[mine[j][k] for j in owned] for k in range(len(args))]))
+        res = list(fn(*[[mine[j][k] for j in owned] for k in range(n_args)]))
         if len(res) != len(owned):
             raise ValueError(f"owner_compute: fn returned {len(res)} results for "
                              f"{len(owned)} jobs")
         for j, r in zip(owned, res):
             outs = (r,) if single else tuple(r)
-            if len(outs) != len(templates):
+            if len(outs) != n_out:
                 raise ValueError(f"owner_compute: fn returned {len(outs)} outputs per job, "
-                                 f"out declares {len(templates)}")
+                                 f"out declares {n_out}")
             res_by_job[j] = outs
-    compute = clock.lap()
+    return res_by_job
 
-    # 3. scatter: every output goes back to its template's placements
+
+def _scatter(args, templates, stacks: list[Stack], res_by_job: dict[int, tuple], results,
+             single: bool) -> None:
+    """Phase 3: every output goes back to its template's placements."""
     for mesh, slots in stacks:
-        me = _flat_index(mesh)
-        world = len(slots)
-        job = slots[me]
+        job = slots[_flat_index(mesh)]
         first = next(j for j in slots if j is not None)
         device = next((a[first].device for a in args if is_dtensor(a[first])),
                       None) or _mesh_device(mesh)
@@ -478,41 +519,52 @@ def _owner(fn, args, templates, idx, meshes, results, single) -> int:
             if tmpl is None:  # no such output for these jobs (the key groups equal templates)
                 for j in slots:
                     if j is not None and not single:
-                        prev = results[j] or (None,) * len(templates)
-                        results[j] = prev[:k] + (None,) + prev[k + 1:]
+                        _store(results, j, k, None, single, len(templates))
                 continue
-            if is_dtensor(tmpl) or isinstance(tmpl, Layout):
-                lay = Layout.of(tmpl) if is_dtensor(tmpl) else tmpl
-                target, as_plain = _shifted(lay.placements), False
-            else:  # plain template: replicated, handed back as a plain tensor
-                lay = Layout(mesh, (Replicate(),) * mesh.ndim, tuple(tmpl.shape), tmpl.dtype)
-                target, as_plain = list(lay.placements), True
-            if job is not None:
-                r = res_by_job[job][k]
-                if tuple(r.shape) != lay.shape:
-                    raise ValueError(f"owner_compute: fn's output {k} for job {job} has shape "
-                                     f"{tuple(r.shape)}, its template {lay.shape}")
-                piece = r.to(device=device, dtype=lay.dtype)
-            else:
-                piece = torch.zeros(lay.shape, dtype=lay.dtype, device=device)
-            stacked = DTensor.from_local(
-                piece.unsqueeze(0), mesh, [Shard(0)] * mesh.ndim, shape=(world, *lay.shape),
-                stride=_contiguous_stride((world, *lay.shape)), run_check=False)
-            back = _settle(stacked.redistribute(mesh, target).to_local())
-            for s, j in enumerate(slots):
-                if j is None:
-                    continue
-                if as_plain:
-                    val = back[s]
-                else:
-                    val = DTensor.from_local(back[s], mesh, lay.placements, shape=lay.shape,
-                                             stride=_contiguous_stride(lay.shape),
-                                             run_check=False)
-                if single:
-                    results[j] = val
-                else:
-                    prev = results[j] or (None,) * len(templates)
-                    results[j] = prev[:k] + (val,) + prev[k + 1:]
-    exchange += clock.lap()
-    _record(exchange=exchange, compute=compute)
-    return len(owned)
+            piece = res_by_job[job][k] if job is not None else None
+            for j, val in zip(slots, _scatter_output(mesh, slots, tmpl, piece, k, job, device)):
+                if j is not None:
+                    _store(results, j, k, val, single, len(templates))
+
+
+def _scatter_output(mesh: DeviceMesh, slots: list[int | None], tmpl: Any,
+                    result: torch.Tensor | None, k: int, job: int | None,
+                    device: torch.device) -> list[Any]:
+    """One output of one stack, sent from each owner to the template's placements: the value
+    for every occupied slot (a DTensor, or a plain tensor for a plain template; None for an
+    empty slot). ``result`` is this rank's
+    output ``k`` for its job ``job`` (None when it owns no job in this stack)."""
+    world = len(slots)
+    if is_dtensor(tmpl) or isinstance(tmpl, Layout):
+        lay = Layout.of(tmpl) if is_dtensor(tmpl) else tmpl
+        target, as_plain = _shifted(lay.placements), False
+    else:  # plain template: replicated, handed back as a plain tensor
+        lay = Layout(mesh, (Replicate(),) * mesh.ndim, tuple(tmpl.shape), tmpl.dtype)
+        target, as_plain = list(lay.placements), True
+    if job is not None:
+        if tuple(result.shape) != lay.shape:
+            raise ValueError(f"owner_compute: fn's output {k} for job {job} has shape "
+                             f"{tuple(result.shape)}, its template {lay.shape}")
+        piece = result.to(device=device, dtype=lay.dtype)
+    else:
+        piece = torch.zeros(lay.shape, dtype=lay.dtype, device=device)
+    stacked = DTensor.from_local(
+        piece.unsqueeze(0), mesh, [Shard(0)] * mesh.ndim, shape=(world, *lay.shape),
+        stride=_contiguous_stride((world, *lay.shape)), run_check=False)
+    back = _settle(stacked.redistribute(mesh, target).to_local())
+    if as_plain:
+        return [None if j is None else back[s] for s, j in enumerate(slots)]
+    return [None if j is None else
+            DTensor.from_local(back[s], mesh, lay.placements, shape=lay.shape,
+                               stride=_contiguous_stride(lay.shape), run_check=False)
+            for s, j in enumerate(slots)]
+
+
+def _store(results: list, job: int, k: int, value: Any, single: bool, n_out: int) -> None:
+    """Put output ``k`` of ``job`` in ``results`` (the value itself when there is one output,
+    else a tuple of ``n_out``)."""
+    if single:
+        results[job] = value
+    else:
+        prev = results[job] or (None,) * n_out
+        results[job] = prev[:k] + (value,) + prev[k + 1:]

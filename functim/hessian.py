@@ -1,10 +1,11 @@
 """Hessian-diagonal estimators on torch.func, and the counter-based RNG they draw from.
 
-These feed :func:`functim.sophia` (algorithms.md §5, the SophiaG reference Liuhong99/Sophia
-``train_sophiag.py``), but they are plain pure functions: each takes a *functional model* (a
-function of the params pytree, e.g. built with ``torch.func.functional_call``), the params, a
-batch and an RNG ``key``, and returns ``(estimate, new_key)``, where ``estimate`` is a pytree
-shaped like ``params`` (``None`` where a param is ``None``; dtype at least float32).
+These feed :func:`functim.sophia` (docs/algorithms.md section 12; the SophiaG reference
+Liuhong99/Sophia@a7e1572 ``train_sophiag.py``), but they are plain pure functions: each takes a
+*functional model* (a function of the params pytree, e.g. built with
+``torch.func.functional_call``), the params, a batch and an RNG ``key``, and returns
+``(estimate, new_key)``, where ``estimate`` is a pytree shaped like ``params`` (``None`` where a
+param is ``None``; dtype at least float32).
 
 - :func:`gnb_hessian` (Gauss–Newton–Bartlett, SophiaG): ``logits = logits_fn(params, batch)``
   (shape ``[..., V]``); labels ``ŷ ~ softmax(logits)`` are sampled per position;
@@ -23,7 +24,8 @@ shaped like ``params`` (``None`` where a param is ``None``; dtype at least float
 The models must be differentiable by ``torch.func`` (forward-mode AD through the backward for
 Hutchinson: every op needs a forward-AD formula for its derivative).
 
-RNG (design.md §3, "randomness comes from checkpointed state"): a ``key`` is an int64 tensor of
+RNG: randomness comes from state that is checkpointed, so a resumed run is bitwise identical to
+an uninterrupted one. A ``key`` is an int64 tensor of
 shape ``(2,)`` = ``[seed, counter]`` (:func:`rng_key`). Random numbers are a pure function of
 ``(seed, counter, element index)`` — a keyed 32-bit integer hash (Wellons' "lowbias32" mixer,
 three keyed rounds) computed with ordinary int64 tensor ops — so they are identical on every

@@ -1,6 +1,6 @@
 """Learning-rate (and any float hyperparameter) schedules: pure functions of the step tensor.
 
-Step-index convention (algorithms.md §13, §15.1.12): a schedule is evaluated at ``s`` = the number
+Step-index convention (docs/algorithms.md section 14): a schedule is evaluated at ``s`` = the number
 of *completed* updates, so the first ``update`` uses ``schedule(0)``. This matches optax (count
 starts at 0) and ``torch.optim.lr_scheduler.LambdaLR`` (``λ(0)`` is used by the first
 ``opt.step()``). Linear warmup is ``peak·s/W`` by default (0 on the first update, as nanoGPT);
@@ -136,7 +136,7 @@ class warmup_cosine(Schedule):
     """Linear warmup over ``warmup_steps`` to ``peak``, then cosine to ``floor`` at ``total_steps``.
 
     ``lr(W) = peak``, ``lr(W + (T-W)/2) = (peak + floor)/2``, ``lr(s) = floor`` for ``s >= T``
-    (the LEV/optax ``warmup_cosine_decay_schedule`` shape, with an absolute floor).
+    (the Levanter/optax ``warmup_cosine_decay_schedule`` shape, with an absolute floor).
     """
 
     peak: float
@@ -175,7 +175,8 @@ DecayShape = Literal["linear", "cosine", "1-sqrt"]
 
 @dataclass(frozen=True)
 class wsd(Schedule):
-    """Warmup–stable–decay (MiniCPM; Hägele et al. 2024), algorithms.md §13.
+    """Warmup–stable–decay (MiniCPM: Hu et al. 2024, arXiv 2404.06395; Hägele et al. 2024,
+    arXiv 2405.18392).
 
     ``s < W``: linear warmup; ``W <= s < T-D``: ``peak``; ``s >= T-D``:
     ``floor + (peak - floor)·f(x)`` with ``x = (s-(T-D))/D`` clamped to [0, 1] and ``f`` one of

@@ -382,11 +382,10 @@ def _work_counters() -> list:
     """(module, function, work per call): the whole-matrix work of each matrix optimizer, where
     it calls it: Muon/Scion's Newton–Schulz (matrices per call), SOAP's Gram statistics (one
     per preconditioned dim per call), Kron's preconditioning (one per leaf per step)."""
-    import importlib
+    import functim.optimizers._routed as routed
+    import functim.optimizers.kron as kron_mod
+    import functim.optimizers.soap as soap_mod
 
-    # by import_module: functim.optimizers' attributes soap/kron are the constructors
-    routed, soap_mod, kron_mod = (importlib.import_module(f"functim.optimizers.{m}")
-                                  for m in ("_routed", "soap", "kron"))
     return [(routed, "orthogonalize_many", lambda mats, *a: len(mats)),
             (soap_mod, "gram", lambda *a: 1), (kron_mod, "kron_precondition", lambda *a: 1)]
 

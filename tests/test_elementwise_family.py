@@ -1,13 +1,15 @@
 """Lion, SignSGD, Signum, NAdamW (three forms) and the Cautious optimizers, against the reference
-maths (algorithms.md §2, §3, §10, §12) and the reduction catalogue (§15.2 R4–R8, R25, R26, R29).
+maths (docs/algorithms.md sections 4, 5, 11) and its reduction catalogue (R4–R8, R25, R26, R29,
+R32–R34, R40).
 
 Tolerances follow tests/test_reference_parity.py: float64 1e-12 relative, float32 1e-6 relative,
 plus a small absolute floor (float64 1e-14, float32 1e-7); params are compared against their
 *trajectory scale* ``S = max_t |p_t|`` (see that module's docstring), i.e.
 ``|ours - ref| <= atol + rtol · max(|ref|, S)``. "Bitwise" means ``torch.equal``.
 
-The reference implementations below (``_ref_run``) are written from algorithms.md, one tensor at a
-time, in plain float64 arithmetic; form (A) of NAdamW is checked against torch.optim.NAdam itself.
+The reference implementations below (``_ref_run``) are written from the update rules, one tensor
+at a time, in plain float64 arithmetic; form (A) of NAdamW is checked against torch.optim.NAdam
+itself.
 """
 
 from __future__ import annotations
@@ -199,9 +201,9 @@ def run_torch(cls, params, grads_seq, **kw):
     return [p.detach() for p in ps], scales
 
 
-# -- the reference maths, one tensor at a time (algorithms.md) ----------------------------------
+# -- the reference maths, one tensor at a time (docs/algorithms.md) -----------------------------
 def _normalize(phi: torch.Tensor, normalization: str, eps: float) -> torch.Tensor:
-    """§3: the cautious mask φ scaled per tensor."""
+    """The cautious mask φ scaled per tensor (docs/algorithms.md section 5)."""
     if normalization == "mean":
         return phi / max(phi.mean().item(), 1e-3)
     if normalization == "paper":
@@ -238,7 +240,7 @@ def _ref_leaf(kind: str, hp: dict, p: torch.Tensor, gs: list) -> tuple:
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
             bc1, bc2 = 1 - b1**t, 1 - b2**t
-            denom = v.sqrt() / math.sqrt(bc2) + eps  # EPS_OUT
+            denom = v.sqrt() / math.sqrt(bc2) + eps  # ε outside the square root
             if kind == "nadamw_optax":  # form (B)
                 mhat = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * g / bc1
             elif kind == "nadamw_timm":  # form (C)
@@ -298,7 +300,7 @@ def test_r5_nadamw_optax_is_torch_nadam_with_infinite_momentum_decay(params, hp,
 @given(data=st.data(), params=f64_trees, seed=seeds, scale=grad_scales)
 def test_matches_reference_maths(name, data, params, seed, scale):
     """Every optimizer (torch-form NAdamW excepted: see the torch.optim test) against the
-    per-tensor reference written from algorithms.md, 20 steps, float64."""
+    per-tensor reference written from the update rules, 20 steps, float64."""
     hp = data.draw(nadamw_hparams(variants=("optax", "timm")) if name == "nadamw"
                    else HPARAM_STRATEGIES[name])
     grads = grad_sequence(params, seed, scale=scale)
@@ -340,7 +342,7 @@ def test_state_layout_and_defaults():
 
 
 # ==============================================================================================
-# 2. NAdamW closed forms (§2 (f))
+# 2. NAdamW closed forms (R4, R32, R33)
 # ==============================================================================================
 @pytest.mark.parametrize("variant", NADAMW_VARIANTS)
 @given(params=f64_trees, lr=lrs, beta2=beta2s, eps=adam_epss, wd=wds, psi=momentum_decays,
@@ -360,7 +362,7 @@ def test_r4_nadamw_with_beta1_zero_is_adamw(variant, params, lr, beta2, eps, wd,
 
 @given(params=f64_trees, lr=lrs, beta1=beta1s, beta2=beta2s, seed=seeds, scale=grad_scales)
 def test_nadamw_forms_b_and_c_first_step_closed_form(params, lr, beta1, beta2, seed, scale):
-    """§2 f3: ε = 0, λ = 0, t = 1 (so v̂ = g²): form (B) steps −η·(1 + β1/(1+β1))·sign(g), form
+    """R32: ε = 0, λ = 0, t = 1 (so v̂ = g²): form (B) steps −η·(1 + β1/(1+β1))·sign(g), form
     (C) −η·(1 + β1)·sign(g)."""
     g = nonzero(grad_sequence(params, seed, n=1, scale=scale)[0])
     coef = {"optax": 1 + beta1 / (1 + beta1), "timm": 1 + beta1}
@@ -377,9 +379,9 @@ def test_nadamw_forms_b_and_c_first_step_closed_form(params, lr, beta1, beta2, s
        scale=grad_scales)
 def test_nadamw_constant_gradient_coefficients(variant, params, lr, beta1, beta2, psi, seed,
                                                scale):
-    """§2 f4: constant g ≠ 0, ε = 0, λ = 0: m_t = (1−β1^t)·g and v̂ = g², so every step is
+    """R33: constant g ≠ 0, ε = 0, λ = 0: m_t = (1−β1^t)·g and v̂ = g², so every step is
     −η·coef(t)·sign(g) with coef_B(t) = β1(1−β1^t)/(1−β1^(t+1)) + (1−β1)/(1−β1^t),
-    coef_C(t) = (1−β1^(t+1))/(1−β1^t) and (form A, from §2's update)
+    coef_C(t) = (1−β1^(t+1))/(1−β1^t) and (form A, from its update rule)
     coef_A(t) = (1−μ_t)/(1−Π_t) + μ_{t+1}(1−β1^t)/(1−Π_t·μ_{t+1})."""
     g = nonzero(grad_sequence(params, seed, n=1, scale=scale)[0])
     extra = {"momentum_decay": psi} if variant == "torch" else {}
@@ -406,7 +408,7 @@ def test_nadamw_constant_gradient_coefficients(variant, params, lr, beta1, beta2
 
 
 # ==============================================================================================
-# 3. Cautious (§3 (f), R6–R8)
+# 3. Cautious (R6–R8, R34)
 # ==============================================================================================
 def constant_sign_grads(params, seed: int, n: int = N_STEPS, scale: float = 1.0) -> list:
     """g_t = s ⊙ |r_t| with a fixed sign pattern s and nonzero magnitudes: every m_t (a convex
@@ -422,7 +424,7 @@ def constant_sign_grads(params, seed: int, n: int = N_STEPS, scale: float = 1.0)
        scale=grad_scales)
 def test_r6_cautious_adamw_is_adamw_when_mask_is_full(params, hp, seed, scale):
     """R6: m_t ⊙ g_t > 0 everywhere for all t (constant nonzero sign per coordinate), mean
-    normalization: C-AdamW ≡ AdamW (same ε, EPS_OUT)."""
+    normalization: C-AdamW ≡ AdamW (same ε, outside the square root)."""
     grads = constant_sign_grads(params, seed, scale=scale)
     opt = ft.cautious_adamw(**hp)
     state = opt.init_state(params)
@@ -623,7 +625,7 @@ def test_a_nan_gradient_entry_is_masked_like_c_optim(name, dtype):
 @pytest.mark.parametrize("name", ["cautious_adamw", "cautious_lion"])
 @given(data=st.data(), params=f64_trees, seed=seeds, scale=grad_scales)
 def test_cautious_update_never_opposes_the_gradient(name, data, params, seed, scale):
-    """§3 f4: ⟨p·(1−ηλ) − p_after, g⟩ ≥ 0 at every step of a random run. With λ = 0 this holds
+    """R34: ⟨p·(1−ηλ) − p_after, g⟩ ≥ 0 at every step of a random run. With λ = 0 this holds
     elementwise and exactly (rounding is monotone); with λ > 0 for the inner product up to the
     rounding of p·(1−ηλ) (4 ulp of each |p·g| term)."""
     hp = data.draw(HPARAM_STRATEGIES[name])
@@ -646,7 +648,7 @@ def test_cautious_update_never_opposes_the_gradient(name, data, params, seed, sc
 
 
 # ==============================================================================================
-# 4. Lion / SignSGD / Signum (§10, §12, R25, R26)
+# 4. Lion / SignSGD / Signum (R25, R26, R40)
 # ==============================================================================================
 @given(params=f64_trees, lr=lrs, beta2=lion_beta2s, wd=wds, seed=seeds, scale=grad_scales)
 def test_r25_lion_with_beta1_zero_is_signsgd_bitwise(params, lr, beta2, wd, seed, scale):
@@ -668,7 +670,7 @@ def test_r26_lion_with_equal_betas_is_signum_bitwise(params, lr, beta, wd, seed,
 @pytest.mark.parametrize("name", ["lion", "signsgd", "signum"])
 @given(data=st.data(), params=f64_trees, k=st.integers(-10, -1), seed=seeds, scale=grad_scales)
 def test_sign_step_is_exactly_plus_minus_lr_or_zero(name, data, params, k, seed, scale):
-    """§10 f3 / §12: with λ = 0, η = 2^k and params on the grid η·Z, every step is exactly
+    """R40: with λ = 0, η = 2^k and params on the grid η·Z, every step is exactly
     −η·u with u ∈ {−1, 0, 1}; zero grads at t = 1 (m = 0) give u = 0 (sign(0) = 0)."""
     hp = {**data.draw(HPARAM_STRATEGIES[name]), "lr": 2.0**k, "weight_decay": 0.0}
     lr = 2.0**k

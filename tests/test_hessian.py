@@ -1,5 +1,5 @@
 """functim.hessian: the GNB and Hutchinson estimators against exact curvature, and the
-counter-based RNG they draw from (algorithms.md §5)."""
+counter-based RNG they draw from (docs/algorithms.md section 12)."""
 
 import math
 

@@ -1,8 +1,8 @@
-"""Kron / PSGD (algorithms.md §8): reductions R19–R20 (§15.2), the factor maths against explicit
-matrices, the update schedule, the factor layout, a float64 golden run against a plain-torch
-transcription of the kron_torch reference, dtypes, state, and the torch.optim adapter.
+"""Kron / PSGD (docs/algorithms.md section 9): reductions R19, R20, R39, the factor maths against
+explicit matrices, the update schedule, the factor layout, a float64 golden run against a
+plain-torch transcription of the kron_torch reference, dtypes, state, and the torch.optim adapter.
 
-The transcription (:func:`reference_kron`) is written from algorithms.md §8(a) with explicit
+The transcription (:func:`reference_kron`) is written from the update rule with explicit
 matrices (mode products by ``tensordot``, ``Q^{-T}`` by ``torch.linalg.inv``), not from functim's
 code. It draws the probes exactly as functim documents: one ``randn`` of the merged shape per leaf
 with a gradient, in tree order, from a CPU ``torch.Generator`` seeded with ``seed``, on every
@@ -79,7 +79,7 @@ def run(opt, params, grads, *, donate=False, state=None):
     return params, state
 
 
-# -- an independent float64 transcription of kron_torch (algorithms.md §8(a)) --------------------
+# -- an independent float64 transcription of kron_torch's update rule -----------------------------
 def ref_merge(shape, merge):
     if not merge or len(shape) <= 2:
         return tuple(shape) if shape else (1,)
@@ -235,7 +235,7 @@ def test_mode_products_equal_the_explicit_kronecker_matrices(qx):
 
 @given(seeds, st.integers(1, 6), st.integers(1, 6), st.booleans(), st.booleans())
 def test_precond_grad_2d_is_q1tq1_g_q2tq2(seed, m, n, diag1, diag2):
-    """algorithms.md §8(f) 4: P·G = Q1ᵀQ1·G·Q2ᵀQ2 (a diagonal factor is diag(q))."""
+    """R39: P·G = Q1ᵀQ1·G·Q2ᵀQ2 (a diagonal factor is diag(q))."""
     gen = torch.Generator().manual_seed(seed)
     q1 = (1 + randn(m, gen).abs()) if diag1 else tri_factor(m, gen)
     q2 = (1 + randn(n, gen).abs()) if diag2 else tri_factor(n, gen)
@@ -300,7 +300,7 @@ def test_update_factors_leaves_its_inputs_alone_and_keeps_triangles():
        st.sampled_from([F64, F32]), st.sampled_from([0.01, 1.0, 30.0]))
 def test_r19_without_preconditioner_updates_it_is_clipped_ema_sgd(seed, shapes, lr, b1, wd,
                                                                    dtype, gscale):
-    """§15.2 R19: probability 0 and init scale 1 ⇒ Δp = −η·(clip_1.1(m̂) + λ·p·[ndim ≥ 2])."""
+    """R19: probability 0 and init scale 1 ⇒ Δp = −η·(clip_1.1(m̂) + λ·p·[ndim ≥ 2])."""
     gen = torch.Generator().manual_seed(seed)
     params = {f"p{i}": randn(s, gen, dtype) for i, s in enumerate(shapes)}
     opt = kron(lr=lr, b1=b1, weight_decay=wd, preconditioner_update_probability=0.0)
@@ -328,7 +328,7 @@ def test_r19_without_preconditioner_updates_it_is_clipped_ema_sgd(seed, shapes, 
        st.sampled_from([None, "smart_one_diag", "one_diag"]), st.sampled_from([1, 3, 1000]))
 def test_r20_triangular_factors_and_the_rms_clip_over_many_updates(seed, shape, merge, mode,
                                                                    balance_every):
-    """§15.2 R20: triangular factors stay upper-triangular after every update (with balancing)
+    """R20: triangular factors stay upper-triangular after every update (with balancing)
     and RMS(U) ≤ 1.1·(1+1e-6) at every step (λ = 0, so U = −Δp/η)."""
     gen = torch.Generator().manual_seed(seed)
     params = {"x": randn(tuple(shape), gen)}

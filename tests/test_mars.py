@@ -1,8 +1,9 @@
-"""MARS (algorithms.md §4): reductions R9–R11 (§15.2), the per-tensor clip in closed form, a
-plain-torch transcription of the reference update, state handling, and the torch.optim adapter.
+"""MARS (docs/algorithms.md section 6): reductions R9–R11 and R35, the per-tensor clip in closed
+form, a plain-torch transcription of the reference update, state handling, and the torch.optim
+adapter.
 
-The reference loop below is written from algorithms.md §4(a) (AGI-Arena/MARS ``update_fn``), one
-leaf at a time in float64, with the reference's own operation order (``p − η·(λ·p + u)``,
+The reference loop below is written from the update rule (AGI-Arena/MARS@4831e28 ``update_fn``),
+one leaf at a time in float64, with the reference's own operation order (``p − η·(λ·p + u)``,
 ``m·β + (1−β)·c``), so it also checks that functim's reordering (``p·(1−ηλ)`` first, ``lerp``) is
 the same function to rounding. R29 (scale invariance) does not hold for MARS with its clip and
 is not tested.
@@ -91,7 +92,7 @@ def reference_mars(params, grads, *, lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weig
                    amsgrad=False, gamma=0.025, mars_type="mars-adamw", optimize_1d=False,
                    lr_1d=3e-3, betas_1d=(0.9, 0.95), weight_decay_1d=0.1, lrs=None,
                    decay=None):
-    """algorithms.md §4(a), one leaf at a time, plain torch; ``lrs[t]`` overrides ``lr`` at step
+    """The MARS update rule, one leaf at a time, plain torch; ``lrs[t]`` overrides ``lr`` at step
     t+1 (a schedule) while lr_1d stays relative to the constructor ``lr``; ``decay[name]=False``
     turns off both decays for that leaf (a weight-decay mask)."""
     b1, b2 = betas
@@ -339,7 +340,7 @@ def test_first_step_closed_form(scale, optimize_1d):
 
 
 def test_clipped_corrected_gradient_has_unit_norm():
-    """§4(f).4 through the state: with β2 = 0 and γ > 0, v_t = c_t² so ‖sqrt(v_t)‖ = ‖c_t‖ ≤ 1
+    """R35 through the state: with β2 = 0 and γ > 0, v_t = c_t² so ‖sqrt(v_t)‖ = ‖c_t‖ ≤ 1
     on every step; the clip is active (‖c‖ = 1) when ‖g‖ ≫ 1."""
     p = {"w": torch.zeros(6, 3, dtype=F64)}
     grads = grad_seq(p, 3, scales=(0.01, 100.0))
@@ -356,8 +357,8 @@ def test_clipped_corrected_gradient_has_unit_norm():
 # -- the reference transcription ------------------------------------------------------------------
 @given(params=_params_st(), hp=mars_hparams(), seed=seeds)
 def test_matches_reference_loop(params, hp, seed):
-    """10 steps against the plain-torch transcription of §4(a): γ > 0, the clip active on some
-    steps, 2-D and non-2-D leaves, both mars types, amsgrad, optimize_1d both ways."""
+    """10 steps against the plain-torch transcription of the update rule: γ > 0, the clip active
+    on some steps, 2-D and non-2-D leaves, both mars types, amsgrad, optimize_1d both ways."""
     grads = grad_seq(params, seed)
     ours, state = run(mars(**hp), params, grads)
     ref, ref_state = reference_mars(params, grads, **hp)

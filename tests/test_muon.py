@@ -1,5 +1,5 @@
 """Newton–Schulz, Muon (with its AdamW fallback) and Scion: reference parity and the reductions of
-algorithms.md §15.2 (R14–R16, R21–R24), routing, N-D views, surfaces and state."""
+docs/algorithms.md (R14–R16, R21–R24, R37), routing, N-D views, surfaces and state."""
 
 import io
 
@@ -316,7 +316,7 @@ def test_scion_lmo_normalisations():
 
 
 def test_scion_constrained_sign_stays_in_the_ball():
-    """§6(f)5: with η ∈ [0, 1] and Sign(normalized), max|p| ≤ scale/d_in is kept forever."""
+    """R37: with η ∈ [0, 1] and Sign(normalized), max|p| ≤ scale/d_in is kept forever."""
     scale, d_in = 3.0, 4
     gen = torch.Generator().manual_seed(0)
     params = {"w": (torch.rand(5, d_in, generator=gen, dtype=F64) * 2 - 1) * scale / d_in}

@@ -1,4 +1,4 @@
-"""OLMo-core configs (functim.adapters.olmo) against the contract in olmo-core-contract.md §4:
+"""OLMo-core configs (functim.adapters.olmo) against the contract in that module's docstring:
 build with group overrides and strict matching, steps equal to the adapter driven directly,
 OLMo-core checkpoints (flattened and nested) resume bitwise with dtypes kept, FSDP2 state
 sharded like the params, and a real OLMo-core Trainer on CPU resumes bitwise after a hard stop.

@@ -1,6 +1,6 @@
 """functim.adamw / functim.sgd against torch.optim, and the closed-form AdamW properties.
 
-algorithms.md §1 (AdamW) and §15.2 R2, R3, plus the amsgrad reduction (§1(f).5).
+docs/algorithms.md section 3 (AdamW) and reductions R2, R3 and R31 (amsgrad).
 
 Tolerances: float64 1e-12 relative, float32 1e-6 relative, plus a small absolute floor (float64
 1e-14, float32 1e-7). For params and first-moment buffers (signed running sums) the relative error
@@ -212,7 +212,7 @@ def test_pure_and_donate_bitwise_equal_and_pure_touches_nothing(params, opt, see
         assert_trees_equal(s_pure, s_don)
 
 
-# -- closed-form properties (algorithms.md §1(f), §15.2) ----------------------------------------
+# -- closed-form properties (docs/algorithms.md R2, R3, R31) -------------------------------------
 @given(params=pytrees(), hp=adamw_hparams(), seed=seeds)
 def test_adamw_maximize_is_minimize_of_negated_grads_bitwise(params, hp, seed):
     """R2: AdamW(maximize=True, g) ≡ AdamW(maximize=False, −g), bitwise."""
@@ -255,7 +255,7 @@ def test_adamw_first_step_is_signsgd_with_decoupled_decay(params, hp, seed, scal
 @given(params=pytrees(), hp=adamw_hparams(), seed=seeds,
        c0=st.floats(1e-3, 10.0), growth=st.floats(1.01, 2.0))
 def test_amsgrad_equals_plain_when_grad_magnitude_grows(params, hp, seed, c0, growth):
-    """§1(f).5: g_t = c_t·s with c_t increasing (constant sign) makes v non-decreasing, so the
+    """R31: g_t = c_t·s with c_t increasing (constant sign) makes v non-decreasing, so the
     running max is v itself and amsgrad takes exactly the plain steps."""
     s = random_like_tree(params, torch.Generator().manual_seed(seed))
     s = tree_map(lambda x: torch.where(x == 0, 1.0, x).to(x.dtype), s)

@@ -1,6 +1,7 @@
-"""Schedule-Free AdamW (algorithms.md §11, §15.2 R27, R28): functional core and torch.optim adapter.
+"""Schedule-Free AdamW (docs/algorithms.md section 13, R27, R28, R41, R42): functional core and
+torch.optim adapter.
 
-The references are written here from algorithms.md §11 (one leaf at a time, float64, Python-float
+The references are written here from the update rule (one leaf at a time, float64, Python-float
 scalars as the reference code keeps them): the memory-efficient form (y, z, v) and the
 three-sequence form (z, x, y) that defines what the memory-efficient one computes.
 """
@@ -36,7 +37,7 @@ N_STEPS = 10
 seeds = st.integers(0, 2**31 - 1)
 
 
-# -- references (algorithms.md §11) --------------------------------------------------------------
+# -- references (the update rule, docs/algorithms.md section 13) ---------------------------------
 def _scalars(k, lr, warmup, r, wlp, lr_max, weight_sum):
     sched = (k + 1) / warmup if k < warmup else 1.0
     gamma = lr * sched
@@ -125,7 +126,7 @@ def run(opt, params, grads_seq, *, donate=False):
 
 
 def gamma_schedule(hp, n):
-    """γ_k = lr·sched(k) for k = 0..n-1 (algorithms.md §11)."""
+    """γ_k = lr·sched(k) for k = 0..n-1."""
     w = hp["warmup_steps"]
     return [hp["lr"] * ((k + 1) / w if k < w else 1.0) for k in range(n)]
 
@@ -211,7 +212,7 @@ def test_r27_beta1_zero_is_adamw_with_beta1_zero(params, hp, seed):
 
 @pytest.mark.parametrize("weight_lr_power", [2.0, 0.0])
 def test_constant_lr_average_is_the_mean_of_the_z_iterates(weight_lr_power):
-    """R28, §11(f).3: r = 0, constant γ, no warmup: x_T = mean(z_1..z_T) at every T."""
+    """R28: r = 0, constant γ, no warmup: x_T = mean(z_1..z_T) at every T."""
     gen = torch.Generator().manual_seed(4)
     params = {"w": torch.randn(4, 3, generator=gen, dtype=F64)}
     opt = schedule_free_adamw(lr=0.03, weight_decay=0.05, weight_lr_power=weight_lr_power)
@@ -225,7 +226,7 @@ def test_constant_lr_average_is_the_mean_of_the_z_iterates(weight_lr_power):
 
 
 def test_uniform_average_during_warmup_when_weight_lr_power_is_zero():
-    """§11(f).5: weight_lr_power = 0 and r = 0 give uniform weights even while γ warms up; with
+    """R42: weight_lr_power = 0 and r = 0 give uniform weights even while γ warms up; with
     the default power 2 the early (small-γ) iterates weigh less."""
     gen = torch.Generator().manual_seed(6)
     params = {"w": torch.randn(6, generator=gen, dtype=F64)}
@@ -248,7 +249,7 @@ def test_uniform_average_during_warmup_when_weight_lr_power_is_zero():
 
 @given(params=pytrees(dtypes=(F64, torch.float32)), hp=sf_hparams(), seed=seeds)
 def test_first_step_has_no_averaging(params, hp, seed):
-    """§11(f).4: at step 1 c = 1, so x_1 = z_1 = y_1 (bitwise: the lerp weight is exactly 1)."""
+    """R41: at step 1 c = 1, so x_1 = z_1 = y_1 (bitwise: the lerp weight is exactly 1)."""
     opt = schedule_free_adamw(**hp)
     y, state = opt.update(params, grad_sequence(params, seed, n=1)[0], opt.init_state(params))
     assert_trees_equal(y, state["z"])

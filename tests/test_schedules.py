@@ -1,4 +1,4 @@
-"""Schedules: boundary values and shape properties (algorithms.md §13, §15.2 R30), argument
+"""Schedules: boundary values and shape properties (docs/algorithms.md section 14, R30), argument
 validation, vector evaluation, and how optimizers consume them (the first update uses
 ``schedule(0)``; the value used is written to ``state["hyperparams"]``).
 

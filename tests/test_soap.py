@@ -1,19 +1,19 @@
-"""SOAP (algorithms.md §7): R17 and R18 (§15.2), the first-call skip, the refresh schedule,
-rotation equivariance with a frozen preconditioner, ``merge_dims``/``data_format`` layouts,
+"""SOAP (docs/algorithms.md section 8): R17 and R18, the first-call skip, the refresh schedule,
+rotation equivariance with a frozen preconditioner (R38), ``merge_dims``/``data_format`` layouts,
 1-D leaves, bfloat16 params, a float64 transcription of the reference's maths, the eigenbasis
 tracking its statistics, and the functional/adapter/resume surfaces.
 
-The two references below are written from algorithms.md §7(a) in plain torch, one leaf at a
+The two references below are written from the update rule in plain torch, one leaf at a
 time, not from functim's code:
 
-- :func:`hf_adamw_run`: HF-style AdamW (EPS_RAW, weight decay after the update, first call a
-  no-op), what SOAP must reduce to without preconditioned dims (R17);
+- :func:`hf_adamw_run`: HF-style AdamW (ε on the raw root, weight decay after the update, first
+  call a no-op), what SOAP must reduce to without preconditioned dims (R17);
 - :func:`reference_soap_run`: SOAP in the "momentum in original coordinates" form that preceded
   the reference's commit f42d296 (mathematically the same optimizer; a different arithmetic
   path from functim's momentum-in-the-eigenbasis form), with each dim contracted in place by
   ``tensordot`` + ``movedim`` rather than the reference's cyclic contraction.
 
-Parity needs statistics with distinct eigenvalues (§7(e): the null-space eigenvectors of a
+Parity needs statistics with distinct eigenvalues (the null-space eigenvectors of a
 rank-deficient statistic are arbitrary, so two correct implementations differ by rounding
 there): the parity leaves are square matrices, 3-D/4-D kernels whose every unfolding is full rank
 after one step, and vectors without ``precondition_1d``.
@@ -71,7 +71,7 @@ def assert_close_trees(a, b, rtol, atol):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-# -- references written from algorithms.md §7(a) ----------------------------------------------
+# -- references written from the update rule --------------------------------------------------
 def hf_adamw_run(params, grads, *, lr, betas, eps, wd, correct_bias=True, normalize=False):
     """AdamW with ε on the raw sqrt(v) and weight decay after the update; the first call only
     initialises (nothing moves)."""
@@ -317,7 +317,7 @@ def test_second_moment_is_reordered_not_rotated_on_refresh():
     torch.testing.assert_close(m_orig_r, m_orig_n, rtol=1e-12, atol=1e-14)
 
 
-# -- §7(f)4: rotation equivariance with a frozen preconditioner --------------------------------
+# -- R38: rotation equivariance with a frozen preconditioner -----------------------------------
 @FAST
 @given(seed=seeds, n=st.integers(2, 6), wd=st.sampled_from([0.0, 0.1]))
 def test_rotation_equivariance_with_frozen_bases(seed, n, wd):

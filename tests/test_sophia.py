@@ -1,6 +1,6 @@
-"""Sophia (algorithms.md §5): reductions R12/R13 (§15.2), the reference's Hessian cadence, the
-Hessian EMA, training with the GNB estimator, functional ≡ torch.optim adapter (bitwise), and
-save → load → continue (bitwise, RNG included)."""
+"""Sophia (docs/algorithms.md section 12): reductions R12, R13, R36, the reference's Hessian
+cadence, the Hessian EMA, training with the GNB estimator, functional ≡ torch.optim adapter
+(bitwise), and save → load → continue (bitwise, RNG included)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_r13_every_step_is_bounded_by_lr(params, seed, lr, wd, b1, rho, bs, eps,
 
 @given(params=pytrees(dtypes=(torch.float64,)), seed=seeds, lr=lrs, wd=wds, b1=betas)
 def test_diagonal_newton_regime(params, seed, lr, wd, b1):
-    """algorithms.md §5(f)3: where |m| <= rho*bs*h, dp = -lr*m/(rho*bs*h) - lr*wd*p."""
+    """R36: where |m| <= rho*bs*h, dp = -lr*m/(rho*bs*h) - lr*wd*p."""
     gen = torch.Generator().manual_seed(seed)
     opt = ft.sophia(lr=lr, betas=(b1, 0.9), rho=0.5, weight_decay=wd, bs=4.0)
     state = opt.init_state(params)

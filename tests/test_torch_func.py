@@ -1,5 +1,6 @@
 """functim.update under torch.func (vmap over an ensemble, grad through unrolled updates) and
-torch.compile(fullgraph=True) without recompiling when the learning rate changes (design.md §2)."""
+torch.compile(fullgraph=True) without recompiling when the learning rate changes (hyperparameters
+live in the state as 0-d tensors)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Eigenbases of per-dimension Gram statistics, for the Shampoo-family preconditioners (SOAP).
 
-Follows nikhilvyas/SOAP ``soap.py`` (algorithms.md §7(a)):
+Follows nikhilvyas/SOAP@a1e5535 ``soap.py`` (docs/algorithms.md section 8):
 
 - :func:`gram`: ``G_(i) G_(i)ᵀ``, the contraction of a tensor with itself over every dim but ``i``
   (the reference's ``tensordot(G, G, dims=[others]*2)``, written as one matmul of the unfolding);
@@ -61,7 +61,7 @@ def eigh_descending(L: torch.Tensor, *, jitter: float = EIGH_JITTER) -> torch.Te
 
 def power_qr_refresh(L: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One power-iteration + QR update of the eigenbasis ``Q`` of ``L`` (the SOAP reference's
-    ``get_orthogonal_matrix_QR``, algorithms.md §7(a)).
+    ``get_orthogonal_matrix_QR``).
 
     ``σ = argsort(diag(QᵀLQ), descending)``, ``Q_new = qr(L·Q[:, σ]).Q``. Returns
     ``(Q_new, σ)``; ``σ`` (int64, on ``Q``'s device) reorders anything indexed by the columns of

@@ -1,7 +1,7 @@
-"""Newton–Schulz orthogonalisation (algorithms.md §9.1), shared by Muon, Scion's spectral LMOs
-and MARS-shampoo.
+"""Newton–Schulz orthogonalisation ("NS5", docs/algorithms.md section 10.1), shared by Muon and
+Scion's spectral LMOs.
 
-Follows KellerJordan/Muon ``zeropower_via_newtonschulz5``: the quintic iteration
+Follows KellerJordan/Muon@857d1ad ``muon.py`` ``zeropower_via_newtonschulz5``: the quintic iteration
 ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` and (a, b, c) = (3.4445, −4.7750, 2.0315), after
 normalising by the Frobenius norm plus ``eps``; the tall case is transposed so that ``A`` is the
 smaller Gram matrix; batched over every leading dimension (a norm per matrix). Per singular value

@@ -2,7 +2,8 @@
 
 Nothing here guesses: Muon/Scion view a leaf as (a batch of) matrices by *declared* dimensions
 (:class:`MatrixDims`), and the SOAP/Kron merge rules reproduce their references exactly
-(algorithms.md §7(a) ``merge_dims``, §8(a) first call).
+(nikhilvyas/SOAP@a1e5535 ``soap.py`` ``merge_dims``; evanatyourservice/kron_torch@884427c
+``kron.py``, the merge made on a leaf's first step).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def soap_merge_shape(shape: Sequence[int], max_precond_dim: int) -> tuple[int, .
 
 
 def kron_merge_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """kron_torch's merge of a >2-D tensor to 2-D (algorithms.md §8(a)): compare the *signed*
+    """kron_torch's merge of a >2-D tensor to 2-D: compare the *signed*
     differences of the two candidate splits, ``(∏shape[:-1], shape[-1])`` and
     ``(shape[0], ∏shape[1:])``, and take the first when its difference is ≤ the second's.
     (64,32,3,3)→(6144,3), as the reference does. ≤2-D shapes are returned unchanged."""

@@ -1,5 +1,5 @@
-"""Kronecker-factored preconditioners with triangular or diagonal factors (PSGD "EQ" form, the
-kron_torch reference; algorithms.md §8).
+"""Kronecker-factored preconditioners with triangular or diagonal factors (PSGD "EQ" form, as
+evanatyourservice/kron_torch@884427c ``kron_torch/kron.py``; docs/algorithms.md section 9).
 
 A tensor ``X`` of shape ``(d_0, ..., d_{k-1})`` carries one factor per dim: ``Q_i`` is either an
 upper-triangular ``d_i × d_i`` matrix (stored dense) or a diagonal, stored as a vector of length
@@ -149,7 +149,7 @@ def update_factors(factors: Factors, g: torch.Tensor, v: torch.Tensor,
 
     ``g`` (the gradient or debiased momentum) is damped out of place:
     ``g' = g + sqrt(ε_f32)·mean|g|·v`` (the reference adds the noise in place, which also changes
-    the tensor it then preconditions; algorithms.md §8(e)). With ``A = g' ×_i Q_i`` and
+    the tensor it then preconditions). With ``A = g' ×_i Q_i`` and
     ``B = v ×_i Q_i^{-T}``, for each dim ``T1 = A_(i)A_(i)ᵀ``, ``T2 = B_(i)B_(i)ᵀ``,
     ``D = lr·(T1 − T2)``, ``S = T1 + T2``:
 

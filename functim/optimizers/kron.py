@@ -1,6 +1,4 @@
-"""Kron: PSGD with a Kronecker-factored whitening preconditioner, following the kron_torch
-reference (evanatyourservice/kron_torch ``kron.py``, "EQ" triangular form; algorithms.md §8 and
-§15.1 item 8). The factor maths lives in :mod:`functim.linalg.triangular`.
+"""Kron: PSGD with a Kronecker-factored whitening preconditioner (triangular "EQ" factors).
 
 Per leaf (``G`` = the gradient viewed in its merged shape, ``t`` = 1-based update index)::
 
@@ -11,7 +9,14 @@ Per leaf (``G`` = the gradient viewed in its merged shape, ``t`` = 1-based updat
     U ← U·min(1, 1.1/(RMS(U) + 1e−12))  (RMS clip of the update at 1.1)
     p ← p − η·(U + λ·p·[p.ndim ≥ 2])    (weight decay after the clip, only on ≥2-D leaves)
 
-written as ``p·(1 − η·λ) − η·s·U`` (``s`` the clip factor), the same function to rounding.
+written as ``p·(1 − η·λ) − η·s·U`` (``s`` the clip factor), the same function to rounding. The
+factor update (:func:`functim.linalg.update_factors`) moves each ``Q_i`` towards whitening,
+``P ≈ E[GGᵀ]^(−1/2)``, so the preconditioned update has RMS ≈ 1 (hence the clip at 1.1).
+
+Paper: Li 2015, "Preconditioned Stochastic Gradient Descent", arXiv 1512.04202; Li 2018,
+"Preconditioner on Matrix Lie Group for SGD", arXiv 1809.10232. Reference code:
+evanatyourservice/kron_torch@884427c ``kron_torch/kron.py`` (= PyPI kron-torch 0.3.3), whose
+keywords and defaults this follows; the factor maths lives in :mod:`functim.linalg.triangular`.
 
 Factors: a dim gets a diagonal factor (a vector) when its size is 1, exceeds
 ``max_size_triangular``, the merged tensor has fewer than ``min_ndim_triangular`` dims (so every
@@ -29,7 +34,7 @@ before each step, ``p = prob(n)`` with ``n`` the number of steps done (the defau
 floored at 0.03), ``ctr ← ctr + 1``, and the preconditioner is updated iff
 ``ctr ≥ 1/p`` (compared in float32, as the reference), which resets ``ctr`` to 0.
 
-Choices where the reference leaves one (algorithms.md §15.1 item 8):
+Choices against the reference (where it leaves one, or where functim differs):
 
 - The probe damping ``g + sqrt(ε_f32)·mean|g|·V`` is added to a copy: grads and momentum are
   never modified (the reference adds it in place, so its update also preconditions the noisy
@@ -44,7 +49,7 @@ Choices where the reference leaves one (algorithms.md §15.1 item 8):
   gradient, in tree order, on each update step. A resumed run therefore draws the same probes
   (bitwise, on the same device type).
 - ``precond_init_scale=None``: kron_torch has no data-derived default (its scale must be a
-  number); ``None`` here applies upstream PSGD's rule (lixilinx/psgd_torch ``psgd.py``
+  number); ``None`` here applies upstream PSGD's rule (lixilinx/psgd_torch@a8616f1 ``psgd.py``
   ``KronWhiten``): on the first step, ``s = (max_leaf mean|g|⁴ + 1e−36)^(−1/8)`` over the leaves
   that have a gradient, and each factor becomes ``s^(1/k)·I`` (leaves without a gradient on the
   first step keep scale 1).
@@ -193,7 +198,7 @@ def update_decision(prob_fn: Callable[[torch.Tensor], Any] | float, n: int, coun
     return do, (0 if do else counter)
 
 
-class LeafPlan(NamedTuple):
+class KronFactorLayout(NamedTuple):
     """Static layout of one leaf: its merged shape and which factors are diagonal."""
 
     merged_shape: tuple[int, ...]
@@ -266,7 +271,7 @@ class Kron(Optimizer):
         self.precond_dtype = precond_dtype
         self.balance_every = balance_every
         self.seed = seed
-        self._plans: dict[tuple[int, ...], LeafPlan] = {}
+        self._plans: dict[tuple[int, ...], KronFactorLayout] = {}
 
     def __repr__(self) -> str:
         opts = {**self.hyperparams, "preconditioner_update_probability": self.update_probability,
@@ -283,7 +288,7 @@ class Kron(Optimizer):
         return dict(self.ranges)
 
     # -- layout --------------------------------------------------------------------------------
-    def plan(self, shape: Sequence[int]) -> LeafPlan:
+    def plan(self, shape: Sequence[int]) -> KronFactorLayout:
         """Merged shape and diagonal flags for a param shape (computed once per shape)."""
         shape = tuple(shape)
         plan = self._plans.get(shape)
@@ -292,7 +297,7 @@ class Kron(Optimizer):
             merged = merged if merged else (1,)
             diag = diagonal_dims(merged, self.max_size_triangular, self.min_ndim_triangular,
                                  self.memory_save_mode)
-            plan = self._plans[shape] = LeafPlan(tuple(merged), diag)
+            plan = self._plans[shape] = KronFactorLayout(tuple(merged), diag)
         return plan
 
     def momentum_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
@@ -456,10 +461,17 @@ class Kron(Optimizer):
         return _tree.unflatten(spec, new_p), new_state
 
     def _step(self, ops, ps, gs, ms, qs, hp, step, gen, *, do_update, balance, first, donate):
-        # 1. momentum and its bias correction, multi-tensor per (device, momentum dtype)
+        new_m, m_hat = self._momentum(ops, ps, gs, ms, hp["b1"], step, donate=donate)
+        updates, factors = self._preconditioned(ps, gs, m_hat, qs, hp, gen, do_update=do_update,
+                                                balance=balance, first=first)
+        new_p = self._apply_updates(ops, ps, updates, hp, donate=donate)
+        return new_p, new_m, factors
+
+    def _momentum(self, ops, ps, gs, ms, b1, step, *, donate) -> tuple[list, list]:
+        """Step 1: the momentum and its bias correction ``m̂`` (in the preconditioner dtype),
+        multi-tensor per (device, momentum dtype). Returns ``(momentum, m̂)``."""
         new_m: list = [None] * len(ps)
         m_hat: list = [None] * len(ps)
-        b1 = hp["b1"]
         for (dev, mdt), (msub, gsub), idx in group_by_device_and_dtype([ms, gs]):
             gsub = [g if g.dtype == mdt else g.to(mdt) for g in gsub]
             b1_d = b1 if b1.device == dev else b1.to(dev)
@@ -471,25 +483,28 @@ class Kron(Optimizer):
                 new_m[j] = a
                 pd = self.factor_dtype(ps[j].dtype)
                 m_hat[j] = b if b.dtype == pd else b.to(pd)
+        return new_m, m_hat
 
-        # 2. the factors: data-derived initial scale, balancing, preconditioner update; then P·m̂
+    def _preconditioned(self, ps, gs, m_hat, qs, hp, gen, *, do_update, balance, first
+                        ) -> tuple[list, list]:
+        """Step 2: the factors (data-derived initial scale, balancing, preconditioner update),
+        then ``U = P·m̂``. Returns ``(updates, factors)``."""
         factors = [list(q) for q in qs]
         if first and self.precond_init_scale is None:
             factors = self._data_init_scale(ps, gs, factors)
         srcs = [None] * len(ps) if self.momentum_into_precond_update else gs
         if has_dtensor(m_hat):
-            updates, factors = self._sharded_precondition(
-                ps, m_hat, srcs, factors, hp["precond_lr"], gen, do_update=do_update,
-                balance=balance)
-        else:  # the probes are drawn leaf by leaf, in tree order
-            probes = [self._probe(p, gen) if do_update else None for p in ps]
-            updates, factors = self._precondition(
-                [tuple(p.shape) for p in ps], m_hat, srcs, factors, probes, hp["precond_lr"],
-                do_update=do_update, balance=balance)
+            return self._sharded_precondition(ps, m_hat, srcs, factors, hp["precond_lr"], gen,
+                                              do_update=do_update, balance=balance)
+        # the probes are drawn leaf by leaf, in tree order
+        probes = [self._probe(p, gen) if do_update else None for p in ps]
+        return self._precondition([tuple(p.shape) for p in ps], m_hat, srcs, factors, probes,
+                                  hp["precond_lr"], do_update=do_update, balance=balance)
 
-        # 3. RMS clip at 1.1, weight decay on ≥2-D leaves, step, in the wider of the param and
-        # preconditioner dtypes (float32 for bf16 params, float64 for float64 params); per
-        # (device, that dtype)
+    def _apply_updates(self, ops, ps, updates, hp, *, donate) -> list:
+        """Step 3: RMS clip at 1.1, weight decay on ≥2-D leaves, step, in the wider of the param
+        and preconditioner dtypes (float32 for bf16 params, float64 for float64 params); per
+        (device, that dtype)."""
         for j, (u, p) in enumerate(zip(updates, ps)):
             work = torch.promote_types(u.dtype, p.dtype)
             if u.dtype != work:
@@ -521,7 +536,7 @@ class Kron(Optimizer):
             out = [_add(ops, x, u, own) for x, u, own in zip(pw, usub, owned)]
             for j, o, p, mx in zip(idx, out, psub, mixed):
                 new_p[j] = ops.write_back([p], [o], donate=donate)[0] if mx else o
-        return new_p, new_m, factors
+        return new_p
 
     def _probe(self, p: torch.Tensor, gen: torch.Generator) -> Callable[[], torch.Tensor]:
         """The probe ``V ~ N(0, I)`` of a leaf (its merged shape, in the preconditioner dtype),
@@ -635,7 +650,7 @@ def kron(
     balance_every: int = 100,
     seed: int = 42,
 ) -> Kron:
-    """PSGD Kron with kron_torch's keywords and defaults (algorithms.md §8; module docstring).
+    """PSGD Kron with kron_torch's keywords and defaults (see the module docstring).
 
     ``preconditioner_update_probability``: ``None`` (the reference's schedule,
     :func:`precond_update_prob_schedule`), a number in [0, 1] (0: never update), or a callable of

@@ -1,32 +1,46 @@
-"""Muon with its AdamW fallback, as one optimizer (algorithms.md §9, §15.1 item 9).
+"""Muon on hidden matrices with an AdamW fallback for the other params, as one optimizer.
 
-Follows KellerJordan/Muon ``muon_update`` / ``MuonWithAuxAdam``:
+Update of a Muon leaf (``β`` = ``momentum``, ``t`` = 1-based step)::
 
-- momentum: EMA ``m ← lerp(m, g, 1−β)`` and Nesterov ``u = lerp(g, m, β)`` (reference default);
-  ``momentum_form="sum"`` gives the early/Moonlight form ``m ← βm + g``, ``u = g + βm`` (equal
-  after orthogonalisation up to the NS epsilon, §15.2 R24). The gradient is never modified;
-- ``O = NS5(u)`` (:func:`functim.linalg.orthogonalize`; bfloat16 on CUDA as the reference,
-  float32 elsewhere, float64 for float64 params; ``ns_dtype`` overrides);
-- ``p ← p·(1 − η·λ) − η·scale·O``: weight decay with the *unscaled* η, as every reference.
-  ``scale_mode``: ``"keller"`` ``max(1, rows/cols)^0.5`` (reference), ``"moonlight"``
-  ``0.2·sqrt(max(rows, cols))`` (Moonlight's AdamW RMS matching, torch's "match_rms_adamw"),
-  ``"consistent_rms"`` ``consistent_rms·sqrt(max(rows, cols))`` (optax), ``"none"`` 1;
+    m ← lerp(m, g, 1−β);  u = lerp(g, m, β) if nesterov else m     # EMA momentum
+    O = NS5(u)                                 # on the leaf's (rows × cols) matrix view
+    p ← p·(1 − η·λ) − η·scale·O                # weight decay with the unscaled η
+
+``NS5`` is the quintic Newton–Schulz orthogonalisation (:func:`functim.orthogonalize`), and
+``scale`` by ``scale_mode``: ``"keller"`` ``max(1, rows/cols)^0.5`` (reference), ``"moonlight"``
+``0.2·sqrt(max(rows, cols))`` (Moonlight's AdamW RMS matching, torch's "match_rms_adamw"),
+``"consistent_rms"`` ``consistent_rms·sqrt(max(rows, cols))`` (optax), ``"none"`` 1. Every other
+leaf takes torch's AdamW step (ε outside the square root, docs/algorithms.md section 1) with its
+own ``adamw_*`` hyperparameters.
+
+Paper: Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks" (blog post);
+Moonlight's scale: Liu et al. 2025, "Muon is Scalable for LLM Training", arXiv 2502.16982.
+Reference code: KellerJordan/Muon@857d1ad ``muon.py`` (``muon_update``, ``MuonWithAuxAdam``).
+
+Choices against the reference:
+
+- The gradient is never modified (the reference's ``grad.lerp_`` writes the Nesterov mix into
+  ``p.grad``). ``momentum_form="sum"`` gives the early/Moonlight form ``m ← βm + g``,
+  ``u = g + βm``, equal after orthogonalisation up to the NS epsilon (docs/algorithms.md,
+  reduction R24).
+- NS5 runs in bfloat16 on CUDA as the reference, float32 elsewhere, float64 for float64 params
+  (``ns_dtype`` overrides).
 - rows/cols are those of the matrix the update is orthogonalised as. A 2-D leaf is ``(out, in)``;
   an N-D leaf (conv kernel, stacked experts) must be declared with ``matrix_dims`` (see
   :class:`functim.MatrixDims`); nothing is guessed. For a conv kernel viewed as ``(out, in·k·k)``
   the scale uses that view, not the reference's ``kh/kw`` (= 1), which is an artefact of reading
   the last two dims of a 4-D tensor.
-
-Routing (design.md §4): by default embeddings, the output head (``lm_head``, tied embeddings),
-biases, norms and every ndim < 2 leaf go to AdamW, the other matrices to Muon
-(:data:`functim.rules.LM_ROUTING` with ``hidden="muon"``, everything else ``"adamw"``).
-``muon_params=[globs]`` sends exactly those leaves to Muon and the rest to AdamW (e.g. Megalodon:
-``["*attn.w[zvr]*", "*attn.wh[12]*", "*ffn.fc[123]*", "lm_head*"]``); ``routing`` takes any rule
-list or ``{label: selector}`` map over the labels ``"muon"``/``"adamw"``. ``explain(params)``
-prints the table. The AdamW side is torch AdamW (EPS_OUT) with Keller's aux defaults
-(betas (0.9, 0.95), eps 1e-10, no weight decay); its lr is ``adamw_lr_ratio · lr`` at every step
-(default 0.015 = Keller's 3e-4 / 0.02, so a schedule on ``lr`` drives both sides), or
-``adamw_lr`` (a number or its own schedule) when given.
+- Routing by path rules instead of the reference's hand-made param groups: by default
+  embeddings, the output head (``lm_head``, tied embeddings), biases, norms and every ndim < 2
+  leaf go to AdamW, the other matrices to Muon (:func:`functim.lm_routing` with
+  ``hidden="muon"``, everything else ``"adamw"``). ``muon_params=[globs]`` sends exactly those
+  leaves to Muon and the rest to AdamW (e.g. Megalodon: ``["*attn.w[zvr]*", "*attn.wh[12]*",
+  "*ffn.fc[123]*", "lm_head*"]``); ``routing`` takes any rule list or ``{label: selector}`` map
+  over the labels ``"muon"``/``"adamw"``. ``explain(params)`` prints the table.
+- The AdamW side has Keller's auxiliary defaults (betas (0.9, 0.95), eps 1e-10, no weight
+  decay); its lr is ``adamw_lr_ratio · lr`` at every step (default 0.015 = Keller's 3e-4 / 0.02,
+  so a schedule on ``lr`` drives both sides), or ``adamw_lr`` (a number or its own schedule)
+  when given.
 
 State: ``step``, ``hyperparams``, ``momentum_buffer`` (Muon leaves), ``exp_avg`` and
 ``exp_avg_sq`` (AdamW leaves); ``None`` elsewhere. One step counter serves both sides.
@@ -182,6 +196,25 @@ def muon(
     ``(path, leaf) -> MatrixDims | None`` for N-D Muon leaves. ``fused``: the AdamW side's fused
     kernel, as in :func:`functim.adamw`.
     """
+    _check_options(nesterov=nesterov, momentum_form=momentum_form, scale_mode=scale_mode,
+                   ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps,
+                   consistent_rms=consistent_rms, ns_dtype=ns_dtype)
+    routing = _routing(routing, muon_params)
+    hyperparams, ranges, mode = _hyperparams(
+        lr=lr, weight_decay=weight_decay, momentum=momentum, adamw_lr=adamw_lr,
+        adamw_lr_ratio=adamw_lr_ratio, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+        adamw_weight_decay=adamw_weight_decay)
+    ns = {"steps": ns_steps, "coefficients": tuple(float(c) for c in ns_coefficients),
+          "eps": float(eps), "dtype": ns_dtype}
+    return Muon(routing=routing, hyperparams=hyperparams, ranges=ranges, matrix_dims=matrix_dims,
+                state_dtype=state_dtype, nesterov=nesterov, momentum_form=momentum_form,
+                scale_mode=scale_mode, consistent_rms=float(consistent_rms), ns=ns,
+                adamw_lr_mode=mode, fused=fused)
+
+
+def _check_options(*, nesterov, momentum_form, scale_mode, ns_steps, ns_coefficients, eps,
+                   consistent_rms, ns_dtype) -> None:
+    """Raise on a :func:`muon` option (not a hyperparameter) outside its domain."""
     if not isinstance(nesterov, bool):
         raise TypeError(f"muon: nesterov must be a bool, got {nesterov!r}")
     if momentum_form not in MOMENTUM_FORMS:
@@ -200,12 +233,24 @@ def muon(
     if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype)
                                      and ns_dtype.is_floating_point):
         raise TypeError(f"muon: ns_dtype must be a floating torch.dtype or None, got {ns_dtype!r}")
+
+
+def _routing(routing: Sequence[Rule] | Mapping[str, Any] | None,
+             muon_params: str | Sequence[str] | None) -> Sequence[Rule] | Mapping[str, Any]:
+    """The routing :func:`muon` was given, or the one ``muon_params`` implies, or the default."""
     if routing is not None and muon_params is not None:
         raise ValueError("muon: give routing or muon_params, not both")
     if muon_params is not None:
-        routing = (Rule("muon", path=muon_params), Rule("adamw"))
-    elif routing is None:
-        routing = lm_routing(hidden="muon", vector="adamw", embedding="adamw", output="adamw")
+        return (Rule("muon", path=muon_params), Rule("adamw"))
+    if routing is None:
+        return lm_routing(hidden="muon", vector="adamw", embedding="adamw", output="adamw")
+    return routing
+
+
+def _hyperparams(*, lr, weight_decay, momentum, adamw_lr, adamw_lr_ratio, adamw_betas,
+                 adamw_eps, adamw_weight_decay) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(hyperparameters, their ranges, the AdamW side's lr mode: ``"absolute"`` when
+    ``adamw_lr`` is given, else ``"ratio"``)."""
     b1, b2 = check_betas("muon", adamw_betas, ("adamw_beta1", "adamw_beta2"))
     hyperparams: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
     ranges = {"lr": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": BETA}
@@ -219,9 +264,4 @@ def muon(
                        adamw_weight_decay=adamw_weight_decay)
     ranges.update(adamw_beta1=BETA, adamw_beta2=BETA, adamw_eps=NONNEGATIVE,
                   adamw_weight_decay=NONNEGATIVE)
-    ns = {"steps": ns_steps, "coefficients": tuple(float(c) for c in ns_coefficients),
-          "eps": float(eps), "dtype": ns_dtype}
-    return Muon(routing=routing, hyperparams=hyperparams, ranges=ranges, matrix_dims=matrix_dims,
-                state_dtype=state_dtype, nesterov=nesterov, momentum_form=momentum_form,
-                scale_mode=scale_mode, consistent_rms=float(consistent_rms), ns=ns,
-                adamw_lr_mode=mode, fused=fused)
+    return hyperparams, ranges, mode

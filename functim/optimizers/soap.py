@@ -1,8 +1,8 @@
-"""SOAP (Vyas et al. 2024, arXiv 2409.11321), following the reference ``SOAP`` of
-nikhilvyas/SOAP@a1e5535 ``soap.py`` (algorithms.md §7, §15.1 item 7).
+"""SOAP: Adam run in the eigenbasis of a Shampoo preconditioner, refreshed every few steps.
 
 Per leaf, with ``G`` the gradient in the preconditioner's view (``merge_dims``) and ``Q_i`` the
-eigenbasis of the Gram statistic ``L_i`` of every preconditioned dim ``i``:
+eigenbasis of the Gram statistic ``L_i`` of every preconditioned dim ``i`` (``G_(i)G_(i)ᵀ``: ``G``
+contracted with itself over every other dim):
 
 - **first call** (the reference's "first step is skipped"): ``L_i ← lerp(L_i, G_(i)G_(i)ᵀ,
   1−β_s)``, ``Q_i ← eigh(L_i + 1e-30·I)`` with the columns in descending eigenvalue order. The
@@ -12,7 +12,7 @@ eigenbasis of the Gram statistic ``L_i`` of every preconditioned dim ``i``:
 
       G' = project(G)                              # Q_Lᵀ·G·Q_R for a matrix
       m ← lerp(m, G', 1−β1);  v ← lerp(v, G'², 1−β2)          # both in the current eigenbasis
-      N = project_back(m / (sqrt(v) + ε))          # EPS_RAW: ε on the raw sqrt(v)
+      N = project_back(m / (sqrt(v) + ε))          # ε on the raw root, not bias-corrected
       if normalize_grads: N ← N / (1e-30 + RMS(N))
       p ← p − η·sqrt(1−β2^t)/(1−β1^t)·N            # η alone if correct_bias=False
       p ← p − η·λ·p                                # weight decay AFTER the update
@@ -23,8 +23,10 @@ eigenbasis of the Gram statistic ``L_i`` of every preconditioned dim ``i``:
                      Q_i ← qr(L_i·Q_i[:, σ]).Q
           m ← project(m) with the new bases      # momentum rotated, v only reordered
 
-  ``β_s`` = ``shampoo_beta`` if ≥ 0 else β2. Leaves with no preconditioned dim are exactly Adam
-  with EPS_RAW and weight decay after the update (algorithms.md §15.2 R17).
+  ``β_s`` = ``shampoo_beta`` if ≥ 0 else β2. The bias correction is folded into the step size and
+  ε is added to the uncorrected ``sqrt(v)`` (Hugging Face AdamW's placement; torch's AdamW adds ε
+  to ``sqrt(v/(1−β2^t))``). Leaves with no preconditioned dim are therefore exactly that Adam,
+  with weight decay after the update (docs/algorithms.md, reduction R17).
 
 Which dims are preconditioned (the reference's rules): 1-D leaves only with
 ``precondition_1d=True`` and ``d ≤ max_precond_dim``; other leaves every dim of size
@@ -33,7 +35,12 @@ embedding whose vocab dim is larger. ``merge_dims`` uses :func:`functim.linalg.s
 (after the reference's ``(0, 3, 1, 2)`` permutation of 4-D leaves with
 ``data_format="channels_last"``); 0-D leaves go through it too, as in the reference.
 
-Choices (where the reference or algorithms.md leave one):
+Paper: Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321.
+Reference code: nikhilvyas/SOAP@a1e5535 ``soap.py`` (class ``SOAP``); functim follows it exactly
+where it makes a choice (first call skipped, weight decay after the update, ε on the raw root,
+no blocking).
+
+Choices against the reference (where it leaves one, or where functim differs):
 
 - Eigensolve precision ``precond_dtype``: float32 (the reference's) for float32, bfloat16 and
   float16 params; **float64 for float64 params** (the reference would round the statistics to
@@ -54,9 +61,9 @@ Choices (where the reference or algorithms.md leave one):
   counts per parameter). A leaf whose gradient is ``None`` on a call is left untouched, and one
   whose gradient is ``None`` on the *first* call keeps the identity basis that ``init_state``
   stores (Adam in its own coordinates) until the next refresh replaces it by ``qr(L·I)``.
-- ``block_size`` (Levanter's block-diagonal SOAP, used by Wen et al.) is not implemented, and
-  neither is a first call that also updates: the reference skips it on purpose so that a gradient
-  never enters its own projection.
+- ``block_size`` (Levanter's block-diagonal SOAP, which Wen et al. 2025, arXiv 2509.02046, ran)
+  is not implemented, and neither is a first call that also updates: the reference skips it on
+  purpose so that a gradient never enters its own projection.
 
 Host reads and syncs: the decisions "first call?" and "refresh on this call?" depend on the call
 count only, which the state keeps on the CPU (``state["calls"]``, int64): eager ``update`` reads
@@ -134,7 +141,7 @@ STATE_KEYS = ("step", "calls", HPARAMS_KEY, *BUFFERS)
 
 
 @dataclass(frozen=True)
-class LeafPlan:
+class SoapLeafLayout:
     """How SOAP sees one leaf: ``view`` is the shape the preconditioner works on (the param
     shape, or its merged form), ``perm`` the permutation applied before merging (channels_last
     4-D leaves) and ``precond`` which dims of ``view`` have a basis."""
@@ -200,7 +207,7 @@ class SoapOptimizer(Optimizer):
             "correct_bias": correct_bias, "precond_dtype": precond_dtype,
             "state_dtype": state_dtype,
         }
-        self._plan_cache: dict[tuple[int, ...], LeafPlan] = {}
+        self._plan_cache: dict[tuple[int, ...], SoapLeafLayout] = {}
         self._mask_cache: dict = {}
 
     def __repr__(self) -> str:
@@ -211,7 +218,7 @@ class SoapOptimizer(Optimizer):
         return dict(self.ranges)
 
     # -- layout --------------------------------------------------------------------------
-    def leaf_plan(self, shape: Sequence[int]) -> LeafPlan:
+    def leaf_plan(self, shape: Sequence[int]) -> SoapLeafLayout:
         """The preconditioner layout of a leaf of this shape (the reference's rules)."""
         shape = tuple(int(d) for d in shape)
         plan = self._plan_cache.get(shape)
@@ -229,7 +236,7 @@ class SoapOptimizer(Optimizer):
                         view = tuple(shape[d] for d in perm)
                     view = soap_merge_shape(view, mx)
                 precond = tuple(d <= mx for d in view)
-            plan = self._plan_cache[shape] = LeafPlan(shape, perm, view, precond)
+            plan = self._plan_cache[shape] = SoapLeafLayout(shape, perm, view, precond)
         return plan
 
     def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
@@ -430,11 +437,24 @@ class SoapOptimizer(Optimizer):
     def _real_step(self, lv: _Leaves, hp, t, inplace: bool, refresh) -> tuple:
         """One update; ``refresh`` is a bool (eager) or a CPU bool tensor (traced modes)."""
         gv = self._grad_views(lv)
-        # 1. the gradient in the eigenbasis, shaped like the param, in the buffer dtype
+        gp = self._projected_grads(lv, gv)
+        new_p, new_m, new_v = self._adam_in_eigenbasis(lv, gp, hp, t, inplace)
+        GG, Q = self._update_bases(lv, gv, hp, inplace, refresh, new_m, new_v)
+        return new_p, new_m, new_v, GG, Q
+
+    def _projected_grads(self, lv: _Leaves, gv: list) -> list[torch.Tensor]:
+        """Step 1: the gradient in the eigenbasis, shaped like the param, in the buffer dtype."""
         gp = []
         for pl, g, G, Qs, m in zip(lv.plans, lv.g, gv, lv.Q, lv.m):
             x = pl.from_view(project(G, pl.bases(Qs))) if pl.any else g
             gp.append(x if x.dtype == m.dtype else x.to(m.dtype))
+        return gp
+
+    def _adam_in_eigenbasis(self, lv: _Leaves, gp: list, hp, t, inplace: bool
+                            ) -> tuple[list, list, list]:
+        """Steps 2–4, per (device, buffer dtype, param dtype, decay) bucket: Adam on the
+        projected gradients, its direction back in the param's coordinates, then
+        ``p ← p − step_size·N`` and ``p ← p·(1 − η·λ)``. Returns (params, exp_avg, exp_avg_sq)."""
         lr = hp["lr"]
         beta1, beta2 = hp["beta1"], hp["beta2"]
         if self.correct_bias:
@@ -450,42 +470,44 @@ class SoapOptimizer(Optimizer):
             lv.p, lv.g, scalars=list(hp.values()))
         ops = ListOps(per_tensor=per_tensor)
         own = inplace and not per_tensor
-        # 2. Adam in the eigenbasis (elementwise, per (device, buffer dtype, param dtype, decay))
         for idx in _buckets(lv):
             m = ops.lerp([lv.m[i] for i in idx], [gp[i] for i in idx], 1 - beta1, inplace=own)
             g2 = ops.mul([gp[i] for i in idx], [gp[i] for i in idx])
             v = ops.lerp([lv.v[i] for i in idx], g2, 1 - beta2, inplace=own)
             denom = ops.add(ops.sqrt(v), hp["eps"], inplace=True)
-            x = ops.div(m, denom)
-            # 3. back to the param's coordinates
-            upd = []
-            for i, xi in zip(idx, x):
-                pl = lv.plans[i]
-                if pl.any:
-                    pd = lv.Q[i][0].dtype
-                    y = pl.from_view(project_back(pl.to_view(xi.to(pd)), pl.bases(lv.Q[i])))
-                    xi = y if y.dtype == xi.dtype else y.to(xi.dtype)
-                upd.append(xi)
-            if self.normalize_grads:  # N / (1e-30 + RMS(N)), the RMS accumulated in float64
-                denoms = [NORMALIZE_EPS + nr / float(max(u.numel(), 1)) ** 0.5
-                          for nr, u in zip(ops.norm(upd), upd)]
-                upd = ops.div(upd, denoms, inplace=True)
-            # 4. p ← p − step_size·N, then p ← p·(1 − η·λ), rounded into p once
-            p = [lv.p[i] for i in idx]
-            work = m[0].dtype
-            mixed = p[0].dtype != work
-            pw = [q.to(work) for q in p] if mixed else p
-            upd = ops.mul(upd, -step_size, inplace=True)  # upd is a temporary
-            pw = ops.add(pw, upd, inplace=own or mixed)
-            if lv.decay[idx[0]]:
-                pw = ops.mul(pw, shrink, inplace=True)  # pw is donated or new by now
-            if mixed:
-                pw = ops.write_back(p, pw, donate=inplace)
+            upd = self._to_param_coords(ops, lv, idx, ops.div(m, denom))
+            pw = _step_params(ops, [lv.p[i] for i in idx], upd, step_size,
+                              shrink if lv.decay[idx[0]] else None, m[0].dtype,
+                              own=own, donate=inplace)
             for j, i in enumerate(idx):
                 new_p[i], new_m[i], new_v[i] = pw[j], m[j], v[j]
-        # 5. statistics, then (on refresh calls) the new bases
+        return new_p, new_m, new_v
+
+    def _to_param_coords(self, ops: ListOps, lv: _Leaves, idx: list[int], x: list
+                         ) -> list[torch.Tensor]:
+        """Step 3: the Adam direction of the leaves ``idx`` back in the param's coordinates
+        (normalised with ``normalize_grads``)."""
+        upd = []
+        for i, xi in zip(idx, x):
+            pl = lv.plans[i]
+            if pl.any:
+                pd = lv.Q[i][0].dtype
+                y = pl.from_view(project_back(pl.to_view(xi.to(pd)), pl.bases(lv.Q[i])))
+                xi = y if y.dtype == xi.dtype else y.to(xi.dtype)
+            upd.append(xi)
+        if self.normalize_grads:  # N / (1e-30 + RMS(N)), the RMS accumulated in float64
+            denoms = [NORMALIZE_EPS + nr / float(max(u.numel(), 1)) ** 0.5
+                      for nr, u in zip(ops.norm(upd), upd)]
+            upd = ops.div(upd, denoms, inplace=True)
+        return upd
+
+    def _update_bases(self, lv: _Leaves, gv: list, hp, inplace: bool, refresh,
+                      new_m: list, new_v: list) -> tuple[list, list]:
+        """Step 5: the statistics, then (on refresh calls) the new bases. Returns (GG, Q); on a
+        refresh the preconditioned leaves' entries of ``new_m``/``new_v`` are replaced by the
+        rotated momentum and the reordered second moment."""
         GG = self._accumulate(lv, gv, hp, inplace)
-        pre = [i for i in range(n) if lv.plans[i].any]
+        pre = [i for i in range(len(lv.p)) if lv.plans[i].any]
         Q = list(lv.Q)
         if pre:
             sub = ([GG[i] for i in pre], [Q[i] for i in pre], [new_m[i] for i in pre],
@@ -499,7 +521,7 @@ class SoapOptimizer(Optimizer):
                               "cond" if torch.compiler.is_compiling() else "where")
             for j, i in enumerate(pre):
                 Q[i], new_m[i], new_v[i] = out[0][j], out[1][j], out[2][j]
-        return new_p, new_m, new_v, GG, Q
+        return GG, Q
 
     def _refresh(self, plans, GG, Q, m, v, *, inplace: bool) -> tuple:
         """Rotate the momentum into the refreshed bases and reorder the second moment."""
@@ -613,7 +635,7 @@ class SoapOptimizer(Optimizer):
 class _Leaves:
     """The leaves being updated (params and grads not None), as parallel lists."""
 
-    plans: list[LeafPlan]
+    plans: list[SoapLeafLayout]
     p: list
     g: list
     m: list
@@ -634,6 +656,21 @@ def _buckets(lv: _Leaves) -> list[list[int]]:
     for i, (p, m, v, d) in enumerate(zip(lv.p, lv.m, lv.v, lv.decay)):
         groups.setdefault((p.device, p.dtype, m.dtype, v.dtype, d, is_dtensor(p)), []).append(i)
     return list(groups.values())
+
+
+def _step_params(ops: ListOps, p: list, upd: list, step_size, shrink, work: torch.dtype, *,
+                 own: bool, donate: bool) -> list:
+    """Step 4: ``p ← p − step_size·upd``, then ``p ← p·shrink`` (``shrink`` None: no decay),
+    computed in ``work`` and rounded into ``p`` once. ``upd`` is a temporary."""
+    mixed = p[0].dtype != work
+    pw = [q.to(work) for q in p] if mixed else p
+    upd = ops.mul(upd, -step_size, inplace=True)
+    pw = ops.add(pw, upd, inplace=own or mixed)
+    if shrink is not None:
+        pw = ops.mul(pw, shrink, inplace=True)  # pw is donated or new by now
+    if mixed:
+        pw = ops.write_back(p, pw, donate=donate)
+    return pw
 
 
 def _clone(tree):

@@ -1,10 +1,8 @@
-"""Sophia (Liu et al. 2023, arXiv 2305.14342), following the SophiaG reference
-Liuhong99/Sophia@a7e1572 ``sophia.py`` and its training loop ``train_sophiag.py``
-(algorithms.md §5, decisions §15.1 item 5).
+"""Sophia (SophiaG): a clipped diagonal-Newton step with an EMA of a Hessian-diagonal estimate.
 
 Per step (``t`` is not used: no bias correction)::
 
-    p ← p·(1 − η·λ)                                   # DWD, before (reference)
+    p ← p·(1 − η·λ)                                   # decoupled weight decay, before (reference)
     m ← β1·m + (1 − β1)·g                             # a lerp, as functim's Lion
     u = clamp(m / max(ρ·bs·h, ε), −1, 1)              # = sign(m)·min(|m|/max(ρ·bs·h, ε), 1)
     p ← p − η·u
@@ -13,7 +11,13 @@ Hessian EMA (a separate pure function, :meth:`SophiaOptimizer.update_hessian`)::
 
     h ← β2·h + (1 − β2)·ĥ                             # a lerp
 
-Choices (algorithms.md §15.1 item 5, §5(e)):
+``ĥ`` is a curvature estimate from :mod:`functim.hessian` (GNB for SophiaG, or Hutchinson).
+
+Paper: Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training", arXiv 2305.14342. Reference code: Liuhong99/Sophia@a7e1572 ``sophia.py``
+(``SophiaG``) and its training loop ``train_sophiag.py``.
+
+Choices against the reference:
 
 - Denominator ``max(ρ·bs·h, ε)`` with ``ε = 1e-15`` (the reference adds 1e-15: equal for
   ``h ≥ 0`` up to 1e-15). A negative curvature estimate (Hutchinson) gives the clipped sign step
@@ -21,7 +25,7 @@ Choices (algorithms.md §15.1 item 5, §5(e)):
 - ``sign(m)·min(|m|/d, 1)`` is computed as ``clamp(m/d, −1, 1)``: the same numbers (IEEE
   division is sign-symmetric), one pass fewer. With ``h = 0`` (before the first Hessian update)
   or ``ρ = 0`` the update is bitwise ``functim.lion(lr, (β1, β1), λ)`` wherever ``|m| ≥ ε``
-  (algorithms.md R12).
+  (docs/algorithms.md, reduction R12).
 - ``bs`` (the reference's ``step(bs=...)`` argument, tokens per step) defaults to **1**, not
   the reference's 5120: functim's estimators (:mod:`functim.hessian`) return the paper's
   ``ĥ = B·ĝ⊙ĝ``, which already carries the batch factor, so ``ρ`` keeps the reference's
