@@ -993,7 +993,7 @@ def optimizers_main(args) -> int:
 
     header = ["optimizer", "bytes/param", "eager ms", "eager x fused-AdamW",
               "eager target ms (met)", "compiled ms", "floor ms", "compiled/floor (<=1.5)",
-              "state x params (§14)"]
+              "state x params (expected)"]
     rows, details, warnings = [], [], []
     for name in names:
         spec = OPTIMIZERS[name]

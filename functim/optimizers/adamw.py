@@ -1,12 +1,21 @@
-"""AdamW, following torch.optim.AdamW (algorithms.md §1).
+"""AdamW.
 
-Choices (algorithms.md §15.1): ε outside the square root (EPS_OUT, as torch/optax); decoupled,
-lr-coupled weight decay ``p ← p·(1 − η·λ)`` applied before the step (torch); ``amsgrad`` keeps the
-running max of the *raw* second moment (torch); ``maximize`` negates the gradient first.
-Bias corrections are computed in float64 from the step tensor (no host sync).
+Update, for the ``t``-th step (1-based), learning rate ``η``, weight decay ``λ``::
 
-Moments are float32 for bfloat16/float16 params (``state_dtype`` overrides); torch.optim keeps
-them in the param dtype.
+    g ← −g                                        (if maximize)
+    p ← p·(1 − η·λ)                               decoupled weight decay, before the step
+    m ← β1·m + (1 − β1)·g ;  v ← β2·v + (1 − β2)·g²
+    v̂ ← max(v̂, v)                                 (if amsgrad: the running max of the raw v)
+    p ← p − (η/(1 − β1^t))·m / (sqrt(v)/sqrt(1 − β2^t) + ε)
+
+Paper: Loshchilov & Hutter 2017, "Decoupled Weight Decay Regularization", arXiv 1711.05101.
+Reference code: ``torch.optim.AdamW`` (PyTorch 2.13), whose rule this is exactly: ε outside the
+square root (added to the bias-corrected root), the decay lr-coupled and applied before the
+step, amsgrad on the raw second moment. See docs/algorithms.md, section 3.
+
+Choices against the reference: bias corrections are computed in float64 from the step tensor
+(no host sync); moments are float32 for bfloat16/float16 params (``state_dtype`` overrides),
+where torch.optim keeps them in the param dtype.
 """
 
 from __future__ import annotations
@@ -52,7 +61,8 @@ def second_moment(ops, g, b, beta2, *, inplace, amsgrad=False, g_owned=False):
 
 
 def adam_denominator(ops, second, scratch, hp, step):
-    """The Adam denominator ``sqrt(second)/c + ε`` (EPS_OUT, ``c = sqrt(1 − β2^t)``) as
+    """The Adam denominator ``sqrt(second)/c + ε`` (ε outside the square root,
+    ``c = sqrt(1 − β2^t)``) as
     ``(sqrt(second) + ε·c, c)``: the denominator times ``c``, and ``c``, which the caller
     multiplies into its step's scale. That is the same maths with one pass fewer than dividing
     every element by ``c`` (torch's form; the two round differently, a few ulps). Written into

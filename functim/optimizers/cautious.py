@@ -1,7 +1,8 @@
 """Cautious optimizers (Liang et al. 2024, arXiv 2411.16085): mask the update where its sign
-disagrees with the gradient's (algorithms.md §3).
+disagrees with the gradient's (docs/algorithms.md, section 5).
 
-- ``cautious_adamw`` follows C-Optim ``c_adamw.py`` (default foreach path): EPS_OUT, DWD before
+- ``cautious_adamw`` follows C-Optim (kyleliang919/C-Optim@2c0517c) ``c_adamw.py`` (default
+  foreach path): ε outside the square root, decoupled weight decay (DWD) before
   the step, mask ``φ = 1[m_t ⊙ g_t > 0]`` from the *updated* first moment and the raw gradient;
   ``p ← p·(1 − η·λ) − (η/bc1)·(m ⊙ φ̃)/(sqrt(v)/sqrt(bc2) + ε)``. Defaults are C-Optim's
   (lr 1e-3, betas (0.9, 0.999), eps 1e-6, wd 0).
@@ -9,7 +10,7 @@ disagrees with the gradient's (algorithms.md §3).
   ``φ = 1[u ⊙ g > 0]``, ``p ← p·(1 − η·λ) − η·u ⊙ φ̃``, then ``m ← β2·m + (1 − β2)·g``
   (defaults lr 1e-4, betas (0.95, 0.98), wd 0).
 
-Mask normalisation ``φ̃`` per tensor (§15.1 item 3), ``normalization=``:
+Mask normalisation ``φ̃`` per tensor (references disagree), ``normalization=``:
 ``"mean"`` (default; C-Optim's current form and timm's): ``φ / max(mean φ, 1e-3)``;
 ``"paper"``: ``φ·n/(Σφ + 1)`` (the original paper; C-Optim's C-Lion still uses it);
 ``"eps"`` (Levanter, Wen et al.): ``φ/(mean φ + eps)`` with cautious_adamw's ``eps`` (1e-8 for
@@ -124,7 +125,7 @@ def cautious_adamw(
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
 ) -> ElementwiseOptimizer:
-    """Cautious AdamW (C-Optim reference, EPS_OUT)."""
+    """Cautious AdamW (the C-Optim reference; ε outside the square root)."""
     _check_normalization("cautious_adamw", normalization)
     beta1, beta2 = check_betas("cautious_adamw", betas)
     return ElementwiseOptimizer(

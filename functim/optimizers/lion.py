@@ -1,9 +1,9 @@
-"""Sign-based optimizers: Lion, SignSGD and Signum (algorithms.md §10, §12).
+"""Sign-based optimizers: Lion, SignSGD and Signum (docs/algorithms.md, section 11).
 
 - **Lion** follows lucidrains/lion-pytorch ``update_fn`` (= the paper's Program 1 = optax
   ``scale_by_lion``): ``p ← p·(1 − η·λ)``; ``u = sign(β1·m + (1 − β1)·g)``; ``p ← p − η·u``;
   ``m ← β2·m + (1 − β2)·g``. Weight decay is torch-style DWD (lr-coupled); lucidrains'
-  ``decoupled_weight_decay=True`` (λ/η₀) is not offered (§15.1 item 11).
+  ``decoupled_weight_decay=True`` (λ/η₀, "fully decoupled" decay) is not offered.
 - **SignSGD** (Bernstein et al. 2018) with decoupled weight decay:
   ``p ← p·(1 − η·λ) − η·sign(g)``.
 - **Signum**: EMA momentum ``m ← β·m + (1 − β)·g`` (LEV ``scale_by_signum``), then

@@ -1,5 +1,6 @@
 """MARS (Yuan et al. 2024, arXiv 2411.10438), following the reference ``update_fn`` / ``MARS`` of
-AGI-Arena/MARS ``MARS/optimizers/mars.py`` (algorithms.md §4). ``mars_type`` "mars-adamw"
+AGI-Arena/MARS@4831e28 ``MARS/optimizers/mars.py`` (docs/algorithms.md, section 6). ``mars_type``
+"mars-adamw"
 (default) and "mars-lion"; "mars-shampoo" is not implemented yet (it raises).
 
 Per leaf, with ``last_grad`` starting at zero and ``t`` the 1-based step:
@@ -18,7 +19,7 @@ Per leaf, with ``last_grad`` starting at zero and ``t`` the 1-based step:
   ``weight_decay_1d``.
 - Every leaf: ``last_grad ← g`` (a copy).
 
-Choices (algorithms.md §15.1 item 4, §4(e)):
+Choices against the reference:
 
 - The clip is the reference's per-tensor unit Frobenius-norm clip, written without a host sync:
   ``c / max(1, ‖c‖)`` per leaf with 0-d per-leaf norms. It is bitwise the reference's
@@ -32,7 +33,8 @@ Choices (algorithms.md §15.1 item 4, §4(e)):
   every leaf, as the reference does, although the AdamW branch never reads it.
 - Weight decay is decoupled and lr-coupled (DWD): the reference's ``p − η·(λ·p + u)`` written as
   ``p·(1 − η·λ)`` followed by the step, exactly as :func:`functim.adamw` (the same kernel runs
-  both AdamW-type updates: one definition of the maths). ε is outside the square root (EPS_OUT).
+  both AdamW-type updates: one definition of the maths). ε is outside the square root (added
+  to the bias-corrected root, as torch's AdamW).
 - The AdamW branch's lr follows the lr schedule proportionally, as the reference's fixed ratio
   ``lr_1d_factor = lr_1d / lr``: ``η_1d = η_t · lr_1d / lr_init``. ``lr_init`` is the
   constructor's ``lr`` (for a schedule, its ``max_value()``, the peak lr); pass ``lr_init=``

@@ -1,8 +1,9 @@
 """NAdamW: Adam with Nesterov momentum and decoupled weight decay — three published forms
-(algorithms.md §2), one kernel.
+(docs/algorithms.md, section 4), one kernel.
 
 All forms: ``p ← p·(1 − η·λ)`` first (DWD), ``m ← lerp(m, g, 1 − β1)``,
-``v ← lerp(v, g², 1 − β2)``, and ``p ← p − η·(a·g + b·m)/(sqrt(v)/sqrt(1 − β2^t) + ε)`` (EPS_OUT)
+``v ← lerp(v, g², 1 − β2)``, and ``p ← p − η·(a·g + b·m)/(sqrt(v)/sqrt(1 − β2^t) + ε)`` (ε
+outside the square root)
 with coefficients per form:
 
 - ``variant="optax"`` (default; form B, optax ``scale_by_adam(nesterov=True)`` + DWD, the form of
@@ -15,7 +16,8 @@ with coefficients per form:
 - ``variant="timm"`` (form C, timm ``NAdamW`` = the AlgoPerf baseline, "lerp twice"):
   ``a = (1 − β1)/(1 − β1^t)``, ``b = β1/(1 − β1^t)``.
 
-With ``ψ → ∞`` form A is form B (R5); with ``β1 = 0`` every form is AdamW(β1 = 0) (R4).
+With ``ψ → ∞`` form A is form B (reduction R5 of docs/algorithms.md); with ``β1 = 0`` every form
+is AdamW(β1 = 0) (R4).
 
 ``mu_product`` is a float64 0-d tensor. torch keeps it in the default dtype (float32 unless
 changed), so float64 parameters agree with torch.optim.NAdam to ~1e-15 only when torch's default

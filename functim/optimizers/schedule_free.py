@@ -1,4 +1,4 @@
-"""Schedule-Free AdamW (Defazio et al. 2024, arXiv 2405.15682), algorithms.md §11.
+"""Schedule-Free AdamW (Defazio et al. 2024, arXiv 2405.15682; docs/algorithms.md, section 13).
 
 Follows the memory-efficient form of facebookresearch/schedule_free@70785b5
 ``schedulefree/adamw_schedulefree.py`` (v1.3+; PyPI schedulefree 1.4.1 is the same without
@@ -9,7 +9,7 @@ one::
     γ     = lr·sched                                           # lr may itself be a schedule
     lr_max ← max(lr_max, γ);  w = (k+1)^r · lr_max^weight_lr_power;  W ← W + w
     c     = w/W  (0 when W = 0)
-    v ← β2·v + (1−β2)·g²;  d = g/(sqrt(v/(1−β2^(k+1))) + ε)    # EPS_OUT, g evaluated at y
+    v ← β2·v + (1−β2)·g²;  d = g/(sqrt(v/(1−β2^(k+1))) + ε)    # ε outside the root; g at y
     d ← d + λ·y                                                # decay at y (hits y and z)
     y ← lerp(y, z, c) + γ·(β1·(1−c) − 1)·d                     # uses the old z
     z ← z − γ·d
@@ -19,11 +19,12 @@ and checkpointed is not stored: :func:`schedule_free_eval_params` recovers it as
 ``x = lerp(y, z, 1 − 1/β1)`` and :func:`schedule_free_train_params` maps it back,
 ``y = lerp(x, z, 1 − β1)``.
 
-Choices (algorithms.md §11(e), §15.1.10):
+Choices against the reference:
 
 - v1.3+ form: ``γ`` has no ``sqrt(bc2)`` factor and the bias correction sits inside the square
   root (the ≤ v1.2 "paper" form differs in early steps).
-- ``β1 = 0`` is allowed in the optimizer (it is then AdamW with β1 = 0 on ``y``, §15.2 R27), but
+- ``β1 = 0`` is allowed in the optimizer (it is then AdamW with β1 = 0 on ``y``, reduction R27),
+  but
   ``x`` cannot be recovered from ``(y, z)``: :func:`schedule_free_eval_params` raises a ValueError
   for ``β1 = 0`` rather than storing ``x`` (a third param-sized buffer nobody else needs).
   ``β1`` should be constant: a ``β1`` that changes between updates breaks the ``x``/``y``
@@ -308,7 +309,7 @@ def schedule_free_eval_params(params, state, *, donate: bool = False):
 
     Pure by default (a new tree); ``donate=True`` overwrites the ``params`` tensors in place (the
     torch.optim adapter's ``eval()``), with bitwise the same values. Raises ValueError when
-    β1 = 0 (x cannot be recovered; algorithms.md §11(e))."""
+    β1 = 0 (x cannot be recovered from y and z)."""
     p_leaves, z_leaves, spec = _z_leaves("schedule_free_eval_params", params, state)
     weight = _eval_weight(state[HPARAMS_KEY]["beta1"])
     return _tree.unflatten(spec, _interpolate(p_leaves, z_leaves, weight, inplace=donate))
