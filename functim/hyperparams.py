@@ -89,9 +89,24 @@ def check_hyperparam(owner: str, name: str, value: Any, allowed: Range) -> None:
         raise ValueError(f"{where} must be in {allowed}, got {v}")
 
 
-def check_betas(owner: str, betas: Any, names: tuple[str, ...] = ("beta1", "beta2")) -> tuple:
+def check_option(owner: str, name: str, value: Any, allowed: Range) -> float:
+    """A numeric option that is not a hyperparameter (it shapes the optimizer, e.g. Newton–Schulz's
+    ``eps``): a real number (not a bool or a tensor), finite and in ``allowed``. Returns it as a
+    float; raises a TypeError or ValueError naming ``owner`` and ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    if not allowed.contains(float(value)):
+        raise ValueError(f"{owner}: {name} must be in {allowed}, got {value!r}")
+    return float(value)
+
+
+def check_betas(owner: str, betas: Any, names: tuple[str, ...] = ("beta1", "beta2"), *,
+                option: str = "betas") -> tuple:
+    """``betas`` (the option called ``option``) is a tuple (or list) of ``len(names)`` values,
+    each checked as a β (in [0, 1)) under its hyperparameter name."""
     if not isinstance(betas, (tuple, list)) or len(betas) != len(names):
-        raise TypeError(f"{owner}: 'betas' must be a tuple of {len(names)} values, got {betas!r}")
+        raise TypeError(f"{owner}: {option!r} must be a tuple of {len(names)} values, got "
+                        f"{betas!r}")
     for n, b in zip(names, betas):
         check_hyperparam(owner, n, b, BETA)
     return tuple(betas)

@@ -82,3 +82,52 @@ def test_malformed_rules_are_a_type_error_at_construction(case):
 def test_rule_criteria_of_the_wrong_type_are_refused(kw, match):
     with pytest.raises(TypeError, match=f"Rule\\('x'\\): {match}"):
         ft.Rule("x", **kw)
+
+
+OPTION_CASES = {
+    "scion-eps-negative": (lambda: ft.scion(eps=-1.0), ValueError, "eps"),
+    "scion-eps-nan": (lambda: ft.scion(eps=float("nan")), ValueError, "eps"),
+    "scion-eps-str": (lambda: ft.scion(eps="0.1"), TypeError, "eps"),
+    "scion-eps-none": (lambda: ft.scion(eps=None), TypeError, "eps"),
+    "muon-eps-str": (lambda: ft.muon(eps="x"), TypeError, "eps"),
+    "muon-eps-bool": (lambda: ft.muon(eps=True), TypeError, "eps"),
+    "muon-eps-vector": (lambda: ft.muon(eps=torch.ones(1)), TypeError, "eps"),
+    "muon-consistent-rms-none": (lambda: ft.muon(consistent_rms=None), TypeError,
+                                 "consistent_rms"),
+    "muon-consistent-rms-zero": (lambda: ft.muon(consistent_rms=0.0), ValueError,
+                                 "consistent_rms"),
+    "muon-ns-coefficients-int": (lambda: ft.muon(ns_coefficients=5), TypeError,
+                                 "ns_coefficients"),
+    "muon-ns-coefficients-nan": (lambda: ft.muon(ns_coefficients=(float("nan"), 1, 1)),
+                                 ValueError, r"ns_coefficients\[0\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_matrix_optimizer_options_are_checked_naming_them(case):
+    make, exc, match = OPTION_CASES[case]
+    with pytest.raises(exc, match=match):
+        make()
+
+
+@pytest.mark.parametrize("make", [lambda: ft.muon(lr=0.02), lambda: ft.scion(lr=0.02)],
+                         ids=["muon", "scion"])
+@pytest.mark.parametrize("shape", [(6, 0), (0, 6)])
+def test_empty_matrices_are_no_ops(make, shape):
+    opt = make()
+    params = {"blocks.0.w": torch.zeros(shape), "blocks.0.v": torch.ones(4, 3)}
+    state = opt.init_state(params)
+    grads = {"blocks.0.w": torch.zeros(shape), "blocks.0.v": torch.ones(4, 3)}
+    new, _ = opt.update(params, grads, state)
+    assert new["blocks.0.w"].shape == shape
+    assert not torch.equal(new["blocks.0.v"], params["blocks.0.v"])
+
+
+@pytest.mark.parametrize("make, option", [
+    (lambda: ft.muon(adamw_betas=(0.9,)), "adamw_betas"),
+    (lambda: ft.mars(betas_1d=0.9), "betas_1d"),
+    (lambda: ft.adamw(betas=(0.9, 0.99, 0.999)), "betas"),
+], ids=["muon-adamw-betas", "mars-betas-1d", "adamw-betas"])
+def test_betas_of_the_wrong_form_name_their_option(make, option):
+    with pytest.raises(TypeError, match=f"'{option}' must be a tuple of 2 values"):
+        make()

@@ -221,9 +221,11 @@ class RoutedOptimizer(Optimizer, abc.ABC):
 
 def select(plans: Sequence[LeafRoute], p_leaves: list, g_leaves: list,
            where: Callable[[LeafRoute], bool]) -> list[int]:
-    """Indices of the leaves to update that satisfy ``where``."""
+    """Indices of the leaves to update that satisfy ``where``. An empty leaf (a matrix with no
+    rows or no columns) is never updated: there is nothing to update, and its matrix scale
+    (``rows/cols``) would be undefined."""
     return [i for i, (pl, p, g) in enumerate(zip(plans, p_leaves, g_leaves))
-            if p is not None and g is not None and where(pl)]
+            if p is not None and g is not None and p.numel() > 0 and where(pl)]
 
 
 def orthogonalized_update(plans: Sequence[LeafRoute], u: list[torch.Tensor],

@@ -211,7 +211,8 @@ def mars(
         if not isinstance(flag, bool):
             raise TypeError(f"mars: {name!r} must be a bool, got {flag!r}")
     beta1, beta2 = check_betas("mars", betas)
-    beta1_1d, beta2_1d = check_betas("mars", betas_1d, names=("beta1_1d", "beta2_1d"))
+    beta1_1d, beta2_1d = check_betas("mars", betas_1d, names=("beta1_1d", "beta2_1d"),
+                                     option="betas_1d")
     hyperparams = {
         "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
         "gamma": gamma, "lr_1d": lr_1d, "beta1_1d": beta1_1d, "beta2_1d": beta2_1d,

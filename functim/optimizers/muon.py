@@ -53,7 +53,15 @@ from typing import Any
 
 import torch
 
-from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
+from ..hyperparams import (
+    BETA,
+    NONNEGATIVE,
+    POSITIVE,
+    Range,
+    ScalarOrSchedule,
+    check_betas,
+    check_option,
+)
 from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
 from ..linalg import NS5_COEFFICIENTS
 from ..rules import Rule, lm_routing
@@ -224,12 +232,12 @@ def _check_options(*, nesterov, momentum_form, scale_mode, ns_steps, ns_coeffici
         raise ValueError(f"muon: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 0:
         raise ValueError(f"muon: ns_steps must be an int >= 0, got {ns_steps!r}")
-    if len(tuple(ns_coefficients)) != 3:
-        raise ValueError(f"muon: ns_coefficients must be 3 numbers, got {ns_coefficients!r}")
-    if not eps >= 0:
-        raise ValueError(f"muon: eps must be >= 0, got {eps!r}")
-    if not consistent_rms > 0:
-        raise ValueError(f"muon: consistent_rms must be > 0, got {consistent_rms!r}")
+    if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3):
+        raise TypeError(f"muon: ns_coefficients must be 3 numbers, got {ns_coefficients!r}")
+    for i, c in enumerate(ns_coefficients):
+        check_option("muon", f"ns_coefficients[{i}]", c, Range())
+    check_option("muon", "eps", eps, NONNEGATIVE)
+    check_option("muon", "consistent_rms", consistent_rms, POSITIVE)
     if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype)
                                      and ns_dtype.is_floating_point):
         raise TypeError(f"muon: ns_dtype must be a floating torch.dtype or None, got {ns_dtype!r}")
@@ -251,7 +259,8 @@ def _hyperparams(*, lr, weight_decay, momentum, adamw_lr, adamw_lr_ratio, adamw_
                  adamw_eps, adamw_weight_decay) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(hyperparameters, their ranges, the AdamW side's lr mode: ``"absolute"`` when
     ``adamw_lr`` is given, else ``"ratio"``)."""
-    b1, b2 = check_betas("muon", adamw_betas, ("adamw_beta1", "adamw_beta2"))
+    b1, b2 = check_betas("muon", adamw_betas, ("adamw_beta1", "adamw_beta2"),
+                         option="adamw_betas")
     hyperparams: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
     ranges = {"lr": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": BETA}
     if adamw_lr is not None:

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from ..hyperparams import NONNEGATIVE, UNIT, ScalarOrSchedule
+from ..hyperparams import NONNEGATIVE, UNIT, ScalarOrSchedule, check_option
 from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
 from ..linalg import NS5_COEFFICIENTS, from_matrix, to_matrix
 from ..rules import Rule, lm_routing
@@ -286,6 +286,7 @@ def scion(
                              output="output")
     if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 0:
         raise ValueError(f"scion: ns_steps must be an int >= 0, got {ns_steps!r}")
+    check_option("scion", "eps", eps, NONNEGATIVE)
     stateful = not (isinstance(momentum, (int, float)) and float(momentum) == 1.0)
     return Scion(norms=base, routing=routing,
                  hyperparams={"lr": lr, "momentum": momentum},
