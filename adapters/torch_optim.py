@@ -20,6 +20,8 @@ Per-parameter state layout:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -47,13 +49,44 @@ _LOADABLE_EXTRA_KEYS = ("params", "param_names", "initial_lr", "fused", "max_lr"
 def _named_param_groups(params: Any) -> list[dict]:
     """Normalise torch's accepted inputs (tensors, (name, tensor) pairs, dicts) to groups."""
     if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts")
+        raise TypeError("params argument given to the optimizer should be an iterable of Tensors "
+                        "or dicts (or of (name, tensor) pairs), but got "
+                        + torch.typename(params))
     params = list(params)
     if not params:
         raise ValueError("optimizer got an empty parameter list")
     if not isinstance(params[0], dict):
         params = [{"params": params}]
     return params
+
+
+_LAYOUT = operator.attrgetter("layout")
+
+
+def _is_strided(g: torch.Tensor | None) -> bool:
+    return g is None or g.layout == torch.strided
+
+
+def _one_element(key: str, value: Any) -> Any:
+    """A hyperparameter as torch.optim takes it: a tensor of any shape with one element is used
+    as a 0-d tensor (a view, so a value changed in place is seen); more elements: ValueError."""
+    if isinstance(value, torch.Tensor) and value.ndim:
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {key} must be 1-element, got shape {tuple(value.shape)}")
+        return value.view(())
+    return value
+
+
+def _scalar_options(options: Mapping) -> dict:
+    """``options`` with every tensor value (and each tensor of ``betas``) made 0-d by
+    :func:`_one_element`."""
+    out = {}
+    for k, v in options.items():
+        if k.endswith("betas") and isinstance(v, (tuple, list)):
+            out[k] = type(v)(_one_element(f"{k}[{i}]", b) for i, b in enumerate(v))
+        else:
+            out[k] = _one_element(k, v)
+    return out
 
 
 def _group_keys(paths) -> dict[str, str]:
@@ -66,6 +99,19 @@ def _group_keys(paths) -> dict[str, str]:
             for path in paths}
 
 
+def _scaled_lr_keys(keys: list[str]) -> list[str]:
+    """The group keys of several learning rates (dotted ``*.lr`` paths, no plain ``lr``): the
+    ones a group's ``lr`` multiplies."""
+    if "lr" in keys:
+        return []
+    return [k for k in keys if k.rsplit(".", 1)[-1] == "lr"]
+
+
+class MixedParamNamesError(TypeError, ValueError):
+    """A param group mixing (name, tensor) pairs and plain tensors: torch.optim raises a
+    ValueError for it, this package always raised a TypeError; it is both."""
+
+
 class FunctimOptimizer(torch.optim.Optimizer):
     """Drive any functim :class:`~functim.Optimizer` as a ``torch.optim.Optimizer``.
 
@@ -74,6 +120,14 @@ class FunctimOptimizer(torch.optim.Optimizer):
     ``beta1``, ... or dotted paths where a short name is ambiguous), so param groups can override
     them and LR schedulers drive ``lr``. A hyperparameter given to the functional optimizer as a
     schedule is driven by that schedule, not by the group.
+
+    Where the optimizer has several learning rates (``ft.partition`` of AdamW and Muon: keys
+    ``partition.adamw.lr``, ``partition.muon.lr``), the group's ``lr`` (default 1.0) multiplies
+    every one of them: an LR scheduler driving ``lr`` (its ``initial_lr`` is then 1.0) scales all
+    learning rates together and keeps their ratios; each dotted key still sets its own base value.
+    A group key that is none of these (nor the bookkeeping of torch's LR schedulers:
+    ``initial_lr``, ``max_lr``, ...) is a ValueError, at construction, ``add_param_group`` and, when
+    set later, at the next ``step()``.
 
     Pass ``model.named_parameters()`` so that path rules (``ft.partition``, weight-decay masks) see
     the parameter names; plain parameters are named ``"<group>.<index>"``.
@@ -89,6 +143,9 @@ class FunctimOptimizer(torch.optim.Optimizer):
         hp = self._hparam_defaults(optimizer)
         self._hparam_names = list(hp)
         self._hparam_ranges = self._group_key_ranges(optimizer)
+        self._scaled_lr_keys = _scaled_lr_keys(self._hparam_names)
+        if self._scaled_lr_keys:
+            hp["lr"] = 1.0
         merged = {**hp, **defaults}
         self._caches: dict[int, Any] = {}
         super().__init__(_named_param_groups(params), merged)
@@ -116,14 +173,32 @@ class FunctimOptimizer(torch.optim.Optimizer):
         return self._functional
 
     def _group_hparams(self, group: dict) -> dict[str, float]:
-        """{short-or-dotted hyperparameter name: value} for this group."""
-        return {k: group[k] for k in self._hparam_names}
+        """{short-or-dotted hyperparameter name: value} for this group (each learning rate
+        times the group's ``lr`` where that scales several: see the class docstring)."""
+        hp = {k: _one_element(k, group[k]) for k in self._hparam_names}
+        if self._scaled_lr_keys:
+            scale = _one_element("lr", group["lr"])
+            for k in self._scaled_lr_keys:
+                hp[k] = hp[k] * scale
+        return hp
 
     def _validate_group(self, group: dict) -> None:
-        """Group values get the functional core's checks (named subclasses re-run their ctor)."""
+        """Group keys are known ones, and values get the functional core's checks (named
+        subclasses re-run their constructor instead)."""
+        name = self._functional.name
+        known = {*self._hparam_names, *_LOADABLE_EXTRA_KEYS}
+        if self._scaled_lr_keys:
+            known.add("lr")
+            check_hyperparam(name, "lr", _one_element("lr", group["lr"]),
+                             self._hparam_ranges[self._scaled_lr_keys[0]])
+        unknown = sorted(set(group) - known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: param group key {unknown[0]!r} is not a "
+                             f"hyperparameter of {name}; its keys are "
+                             f"{sorted(known - set(_LOADABLE_EXTRA_KEYS))}")
         for k, v in self._group_hparams(group).items():
             if k in self._hparam_ranges:
-                check_hyperparam(self._functional.name, k, v, self._hparam_ranges[k])
+                check_hyperparam(name, k, v, self._hparam_ranges[k])
 
     # -- param groups ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -133,9 +208,10 @@ class FunctimOptimizer(torch.optim.Optimizer):
             named = [isinstance(x, tuple) for x in items]
             if any(named) and not all(named):
                 i = named.index(not named[0])
-                raise TypeError(
-                    f"{type(self).__name__}: param group mixes (name, tensor) pairs and plain "
-                    f"tensors (item 0 is {'a pair' if named[0] else 'a tensor'}, item {i} is "
+                raise MixedParamNamesError(
+                    "all optimizer params should be with/without names. Some param names are "
+                    f"missing: {type(self).__name__}: param group mixes (name, tensor) pairs and "
+                    f"plain tensors (item 0 is {'a pair' if named[0] else 'a tensor'}, item {i} is "
                     f"{'a pair' if named[i] else 'a tensor'}); pass model.named_parameters() "
                     "or model.parameters(), not both")
             if items and isinstance(items[0], tuple):
@@ -213,6 +289,8 @@ class FunctimOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         seen: set[int] = set()
         for pid, entry in sd["state"].items():
+            if not isinstance(entry, Mapping):  # (a state_dict pre-hook's own entry)
+                continue
             copied = dict(entry)
             for k, v in entry.items():
                 if isinstance(v, torch.Tensor):
@@ -393,10 +471,12 @@ class FunctimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+        self._check_dense_grads(grads)
         for gi, group in enumerate(self.param_groups):
             opt = self._group_optimizer(group)
             if isinstance(opt, ElementwiseOptimizer):
-                self._step_elementwise(gi, group, opt)
+                self._step_elementwise(gi, group, opt, grads[gi])
             else:
                 self._step_generic(gi, group, opt)
         return loss
@@ -416,6 +496,20 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"{type(self).__name__}: param group {gi}: {e}") from None
                 checked[gi] = values
+
+    def _check_dense_grads(self, grads: list[list]) -> None:
+        """Every grad (``grads``: per group) is a dense (strided) tensor, checked before any
+        group steps: functim's kernels take no sparse gradients (see the README's torch.optim
+        section). Paid at every step: the common case is one C-level pass per group."""
+        for gi, (group, gs) in enumerate(zip(self.param_groups, grads)):
+            present = filter(functools.partial(operator.is_not, None), gs)
+            if all(map(operator.is_, map(_LAYOUT, present), itertools.repeat(torch.strided))):
+                continue
+            name = next(n for n, g in zip(self._names(gi, group), gs) if not _is_strided(g))
+            raise RuntimeError(
+                f"{type(self).__name__}: the grad of param {name!r} is sparse; functim's "
+                "optimizers take dense gradients only: pass p.grad.to_dense(), or use "
+                "torch.optim.SGD for sparse updates")
 
     def compiles_step(self) -> bool:
         """Whether ``torch.compile(opt.step)`` compiles this optimizer's step: every group runs
@@ -437,14 +531,10 @@ class FunctimOptimizer(torch.optim.Optimizer):
             return False
         return fused is None or bool(fused)
 
-    def _step_elementwise(self, gi: int, group: dict, opt: ElementwiseOptimizer) -> None:
-        params = group["params"]
-        grads = [p.grad for p in params]
+    def _step_elementwise(self, gi: int, group: dict, opt: ElementwiseOptimizer,
+                          grads: list) -> None:
         if all(g is None for g in grads):
             return
-        for g in grads:
-            if g is not None and g.is_sparse:
-                raise RuntimeError(f"{opt.name}: sparse gradients are not supported")
         cache = self._elementwise_cache(gi, group, opt, grads)
         replaced = False
         host = self._group_hparams(group)
@@ -768,6 +858,8 @@ class NamedAdapter(FunctimOptimizer):
     every other group key is a hyperparameter, read from the group at each step. A key named
     ``betas`` maps to the hyperparameters ``beta1``, ``beta2`` (, ``beta3``). Each group's values
     are checked by calling the constructor with them, so the messages are the functional core's.
+    A tensor value with one element (``lr=torch.tensor([1e-3])``, each of ``betas``) is used as a
+    0-d tensor and kept in the group as given, as torch.optim does; more elements: ValueError.
     """
 
     functional: Callable[..., ft.Optimizer]
@@ -783,7 +875,8 @@ class NamedAdapter(FunctimOptimizer):
         self._builders: dict = {}
         self._wd_mask = weight_decay_mask
         extra = {"weight_decay_mask": weight_decay_mask} if weight_decay_mask is not None else {}
-        representative = type(self).functional(**kwargs, **extra)  # validates the defaults
+        # validates the defaults
+        representative = type(self).functional(**_scalar_options(kwargs), **extra)
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])
         kwargs = self._dtypes_by_name(kwargs)
@@ -801,7 +894,7 @@ class NamedAdapter(FunctimOptimizer):
         return {}
 
     def _ctor_kwargs(self, group: dict) -> dict:
-        out = {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
+        out = _scalar_options({k: v for k, v in group.items() if k not in _NOT_OPTIONS})
         # dtype names back to dtypes; an unknown name is left for the constructor to reject
         for k in self.dtype_options:
             dtype = getattr(torch, out[k], None) if isinstance(out.get(k), str) else None
@@ -822,7 +915,7 @@ class NamedAdapter(FunctimOptimizer):
 
     def _group_hparams(self, group: dict) -> dict:
         out = {}
-        for k, v in group.items():
+        for k, v in _scalar_options(group).items():
             if k == "betas":
                 out.update({f"beta{i + 1}": b for i, b in enumerate(v)})
             elif k not in _NOT_OPTIONS and k not in self.static_options:
