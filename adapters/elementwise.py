@@ -1,5 +1,5 @@
-"""torch.optim adapters for the elementwise family (design.md §2 names); each is a
-:class:`~functim.adapters.torch_optim.NamedAdapter` over its functional constructor, so the
+"""torch.optim adapters for the elementwise family, named as torch.optim names its classes; each
+is a :class:`~functim.adapters.torch_optim.NamedAdapter` over its functional constructor, so the
 maths is the functional core's and ``state_dict``/LR schedulers/param groups work as in torch."""
 
 from __future__ import annotations

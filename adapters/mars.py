@@ -47,9 +47,9 @@ class Mars(NamedAdapter):
                              "variant, two backward passes per step) is not implemented")
         # the reference fixes lr_1d/lr at construction, with the constructor's lr for all groups
         self._lr_init = lr
-        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, gamma=gamma, mars_type=mars_type,
-                         optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=tuple(betas_1d),
+                         optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=betas_1d,
                          weight_decay_1d=weight_decay_1d, clip=clip, state_dtype=state_dtype,
                          fused=fused, weight_decay_mask=weight_decay_mask)
 

@@ -83,9 +83,9 @@ class Muon(_RoutedAdapter):
                                    "matrix_dims": matrix_dims},
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             momentum_form=momentum_form, ns_steps=ns_steps,
-            ns_coefficients=tuple(ns_coefficients), eps=eps, ns_dtype=ns_dtype,
+            ns_coefficients=ns_coefficients, eps=eps, ns_dtype=ns_dtype,
             scale_mode=scale_mode, consistent_rms=consistent_rms, **ratio, **absolute,
-            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+            adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay, state_dtype=state_dtype, fused=fused)
 
     def _group_hparams(self, group: dict) -> dict:

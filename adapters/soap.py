@@ -55,7 +55,7 @@ class Soap(NamedAdapter):
                  data_format: str = "channels_first", correct_bias: bool = True, *,
                  precond_dtype: torch.dtype | None = None,
                  state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
-        super().__init__(params, lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps,
+        super().__init__(params, lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                          weight_decay=weight_decay,
                          precondition_frequency=precondition_frequency,
                          max_precond_dim=max_precond_dim, merge_dims=merge_dims,

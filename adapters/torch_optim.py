@@ -877,8 +877,9 @@ class NamedAdapter(FunctimOptimizer):
         extra = {"weight_decay_mask": weight_decay_mask} if weight_decay_mask is not None else {}
         # validates the defaults
         representative = type(self).functional(**_scalar_options(kwargs), **extra)
-        if "betas" in kwargs:
-            kwargs["betas"] = tuple(kwargs["betas"])
+        # lists (betas, ns_coefficients, ...) as tuples in the groups, once the constructor has
+        # checked them: hashable, as static options must be
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         kwargs = self._dtypes_by_name(kwargs)
         super().__init__(params, representative, fused=fused, **kwargs)
 

@@ -9,6 +9,7 @@ from conftest import assert_trees_equal, clone_tree
 from test_adapter_safety import FUNCTIONAL
 
 import functim as ft
+from functim import adapters
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONAL))
@@ -131,3 +132,18 @@ def test_empty_matrices_are_no_ops(make, shape):
 def test_betas_of_the_wrong_form_name_their_option(make, option):
     with pytest.raises(TypeError, match=f"'{option}' must be a tuple of 2 values"):
         make()
+
+
+@pytest.mark.parametrize("make, option", [
+    (lambda ps: adapters.Mars(ps, betas=0.9), "betas"),
+    (lambda ps: adapters.Mars(ps, betas_1d=0.9), "betas_1d"),
+    (lambda ps: adapters.Soap(ps, betas=0.9), "betas"),
+    (lambda ps: adapters.Muon(ps, adamw_betas=0.9), "adamw_betas"),
+    (lambda ps: adapters.Muon(ps, adamw_betas=(0.9, 0.95, 0.99)), "adamw_betas"),
+    (lambda ps: adapters.AdamW(ps, betas=0.9), "betas"),
+], ids=["mars-betas", "mars-betas-1d", "soap-betas", "muon-adamw-betas", "muon-adamw-betas-3",
+        "adamw-betas"])
+def test_adapter_betas_of_the_wrong_form_are_the_core_s_error(make, option):
+    params = [("w", torch.nn.Parameter(torch.ones(3, 2)))]
+    with pytest.raises(TypeError, match=f"'{option}' must be a tuple of 2 values"):
+        make(params)
