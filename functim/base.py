@@ -46,6 +46,7 @@ from .kernels import (
     tiled_norms_match,
     tiling_applies,
 )
+from .schedules import Schedule
 
 PyTree = Any
 State = dict
@@ -80,6 +81,13 @@ class Optimizer(abc.ABC):
         """Allowed interval of every hyperparameter, keyed like :func:`functim.get_hyperparams`
         (so adapters can check values set later, e.g. in a param group)."""
         return {}
+
+    def hyperparam_schedules(self) -> dict[str, Schedule]:
+        """The hyperparameters driven by a schedule (evaluated at every update, so a value set
+        in the state would be overwritten), keyed like :meth:`hyperparam_ranges`. The default
+        reads the optimizer's ``hyperparams`` specs, where it keeps them."""
+        specs = getattr(self, "hyperparams", {})
+        return {k: v for k, v in specs.items() if isinstance(v, Schedule)}
 
     @staticmethod
     def from_functions(init_state: Callable, update: Callable, name: str = "custom") -> Optimizer:

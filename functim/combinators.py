@@ -30,6 +30,7 @@ from .hyperparams import (
 )
 from .kernels import needs_per_tensor
 from .rules import Explanation, Rule, explain, rule_labels
+from .schedules import Schedule
 
 PyTree = Any
 
@@ -51,6 +52,10 @@ class GradientTransform(abc.ABC):
         """``step``: completed updates of the optimizer it precedes (for schedules)."""
 
     def hyperparam_ranges(self) -> dict:
+        return {}
+
+    def hyperparam_schedules(self) -> dict:
+        """As :meth:`functim.Optimizer.hyperparam_schedules`."""
         return {}
 
 
@@ -91,6 +96,9 @@ class _ClipByGlobalNorm(GradientTransform):
 
     def hyperparam_ranges(self):
         return {"max_norm": POSITIVE}
+
+    def hyperparam_schedules(self):
+        return {"max_norm": self.max_norm} if isinstance(self.max_norm, Schedule) else {}
 
     def init_state(self, params):
         leaves, _ = _tree.flatten(params)
@@ -148,6 +156,12 @@ class Chain(Optimizer):
         out = _prefixed("optimizer", self.optimizer.hyperparam_ranges())
         for i, t in enumerate(self.transforms):
             out.update(_prefixed(f"transforms.{i}", t.hyperparam_ranges()))
+        return out
+
+    def hyperparam_schedules(self):
+        out = _prefixed("optimizer", self.optimizer.hyperparam_schedules())
+        for i, t in enumerate(self.transforms):
+            out.update(_prefixed(f"transforms.{i}", t.hyperparam_schedules()))
         return out
 
     def init_state(self, params):
@@ -238,6 +252,12 @@ class Partition(Optimizer):
             out.update(_prefixed(f"partition.{lab}", o.hyperparam_ranges()))
         return out
 
+    def hyperparam_schedules(self):
+        out = {}
+        for lab, o in self.optimizers.items():
+            out.update(_prefixed(f"partition.{lab}", o.hyperparam_schedules()))
+        return out
+
     def explain(self, params: PyTree) -> Explanation:
         """Which rule claimed each leaf (raises for unclaimed or doubly-claimed leaves)."""
         return explain(self.rules, params)
@@ -326,6 +346,9 @@ class Accumulate(Optimizer):
     def hyperparam_ranges(self):
         return _prefixed("optimizer", self.optimizer.hyperparam_ranges())
 
+    def hyperparam_schedules(self):
+        return _prefixed("optimizer", self.optimizer.hyperparam_schedules())
+
     def init_state(self, params):
         return {
             "micro_step": torch.zeros((), dtype=torch.int32),
@@ -399,6 +422,9 @@ class SkipNonFinite(Optimizer):
 
     def hyperparam_ranges(self):
         return _prefixed("optimizer", self.optimizer.hyperparam_ranges())
+
+    def hyperparam_schedules(self):
+        return _prefixed("optimizer", self.optimizer.hyperparam_schedules())
 
     def init_state(self, params):
         inner = self.optimizer.init_state(params)

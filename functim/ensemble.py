@@ -36,6 +36,9 @@ class Ensemble(Optimizer):
     def hyperparam_ranges(self):
         return self.optimizer.hyperparam_ranges()
 
+    def hyperparam_schedules(self):
+        return self.optimizer.hyperparam_schedules()
+
     def _member_state_axes(self, params: Any) -> Any:
         member = _tree.map_tree(lambda x: torch.empty(x.shape[1:], dtype=x.dtype,
                                                       device="meta"), params)

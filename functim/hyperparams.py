@@ -190,6 +190,7 @@ def set_hyperparams(state: Any, *, optimizer: Any = None, **values: Any) -> Any:
     alone does not say which ranges apply.
     """
     ranges = optimizer.hyperparam_ranges() if optimizer is not None else {}
+    schedules = optimizer.hyperparam_schedules() if optimizer is not None else {}
 
     def copy(s):
         if isinstance(s, Mapping):
@@ -205,6 +206,12 @@ def set_hyperparams(state: Any, *, optimizer: Any = None, **values: Any) -> Any:
     for path, name, _, _sub in _walk_hparams(new):
         for key in (path, name):
             if key in values:
+                if path in schedules:
+                    raise ValueError(
+                        f"set_hyperparams: hyperparameter {path!r} is driven by the schedule "
+                        f"{schedules[path]!r}, which sets it at every update (the value set "
+                        "here would be overwritten); build the optimizer with the schedule you "
+                        "want")
                 _check_new_value(path, values[key], ranges.get(path, Range()))
     for path, name, _, sub in list(_walk_hparams(new)):
         for key in (path, name):

@@ -86,6 +86,7 @@ from .hyperparams import (
     resolve_hyperparams,
 )
 from .kernels import is_dtensor
+from .schedules import Schedule
 
 PyTree = Any
 
@@ -256,6 +257,11 @@ class SkipSpikes(Optimizer):
     def hyperparam_ranges(self) -> dict[str, Range]:
         return {"sigma_factor": SIGMA_FACTOR_RANGE,
                 **_prefixed("optimizer", self.optimizer.hyperparam_ranges())}
+
+    def hyperparam_schedules(self) -> dict:
+        own = {"sigma_factor": self.sigma_factor} if isinstance(self.sigma_factor,
+                                                                 Schedule) else {}
+        return {**own, **_prefixed("optimizer", self.optimizer.hyperparam_schedules())}
 
     def init_state(self, params: PyTree) -> State:
         device = state_device(_tree.flatten(params)[0])

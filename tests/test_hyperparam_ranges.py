@@ -60,3 +60,19 @@ def test_set_hyperparams_checks_ranges_with_the_optimizer():
         ft.set_hyperparams(state, optimizer=opt, momentum=1.5)
     new = ft.set_hyperparams(state, optimizer=opt, lr=0.2, momentum=0.5)
     assert float(new["optimizer"]["hyperparams"]["lr"]) == 0.2
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda: ft.adamw(lr=ft.warmup_cosine(1e-3, 5, 50)), "lr"),
+    (lambda: ft.chain(ft.clip_by_global_norm(1.0),
+                      ft.sgd(lr=ft.linear_warmup(0.1, 5))), "lr"),
+    (lambda: ft.chain(ft.clip_by_global_norm(ft.constant_schedule(1.0)), ft.sgd(lr=0.1)),
+     "max_norm"),
+    (lambda: ft.partition([ft.Rule("a")], {"a": ft.muon(lr=ft.constant_schedule(0.02))}),
+     "lr"),
+], ids=["adamw", "chain", "chain-transform", "partition-muon"])
+def test_set_hyperparams_refuses_a_scheduled_hyperparameter(make, key):
+    opt = make()
+    state = opt.init_state({"w": torch.ones(3, 2)})
+    with pytest.raises(ValueError, match="driven by the schedule"):
+        ft.set_hyperparams(state, optimizer=opt, **{key: 0.5})
