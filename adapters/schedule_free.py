@@ -119,6 +119,7 @@ class ScheduleFreeAdamW(NamedAdapter):
     @torch.no_grad()
     def step(self, closure=None):
         self._check_compilable()
+        self._check_changed_groups()
         for gi, group in enumerate(self.param_groups):
             if not group[MODE_KEY]:
                 raise RuntimeError(
@@ -129,6 +130,7 @@ class ScheduleFreeAdamW(NamedAdapter):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_dense_grads([[p.grad for p in g["params"]] for g in self.param_groups])
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             if all(p.grad is None for p in params):

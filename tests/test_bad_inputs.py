@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_trees_equal, clone_tree
-from test_adapter_safety import FUNCTIONAL
+from test_adapter_safety import ADAPTERS, FUNCTIONAL, _backward, _model, _snapshot, _train
 
 import functim as ft
 from functim import adapters
@@ -147,3 +147,102 @@ def test_adapter_betas_of_the_wrong_form_are_the_core_s_error(make, option):
     params = [("w", torch.nn.Parameter(torch.ones(3, 2)))]
     with pytest.raises(TypeError, match=f"'{option}' must be a tuple of 2 values"):
         make(params)
+
+
+# -- the sweep: every optimizer, both surfaces, one bad input of each class -----------------------
+# Each rejected call raises the stated error, its message names the parameter (or the option), and
+# params, grads and state are bitwise what they were. Functional: the optimizers of FUNCTIONAL (the
+# 15 families and the combinators) on a two-leaf tree; torch.optim: every adapter class of
+# ADAPTERS on a small model.
+def _functional_case(name):
+    opt = FUNCTIONAL[name]()
+    params = {"a": torch.linspace(-1, 1, 6).reshape(3, 2), "b": torch.ones(3, 2)}
+    grads = {"a": torch.ones(3, 2), "b": torch.full((3, 2), 0.5)}
+    return opt, params, grads, opt.init_state(params)
+
+
+def _assert_refused(call, exc, match, trees):
+    before = clone_tree(trees)
+    with pytest.raises(exc, match=match):
+        call()
+    assert_trees_equal(trees, before)
+
+
+FUNCTIONAL_BAD = {
+    "grad-wrong-shape": (lambda p, g: {**g, "b": torch.ones(2, 3)}, ValueError,
+                         r"grad at 'b' is tensor\(shape=\(2, 3\)"),
+    "grad-other-device": (lambda p, g: {**g, "b": torch.ones(3, 2, device="meta")}, ValueError,
+                          r"grad at 'b' is on meta"),
+    "grad-integer": (lambda p, g: {**g, "b": torch.ones(3, 2, dtype=torch.int64)}, TypeError,
+                     r"grad at 'b' must be floating point"),
+    "grad-missing-leaf": (lambda p, g: {"a": g["a"]}, ValueError, r"missing from grads: \['b'\]"),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donate"])
+@pytest.mark.parametrize("case", list(FUNCTIONAL_BAD))
+@pytest.mark.parametrize("name", list(FUNCTIONAL))
+def test_sweep_functional_bad_grads(name, case, donate):
+    opt, params, grads, state = _functional_case(name)
+    make, exc, match = FUNCTIONAL_BAD[case]
+    bad = make(params, grads)
+    _assert_refused(lambda: opt.update(params, bad, state, donate=donate), exc, match,
+                    (params, grads, state))
+
+
+# (optimizers without per-parameter state have no state of "other params" to refuse)
+@pytest.mark.parametrize("name", [n for n in FUNCTIONAL
+                                  if n not in ("sgd-plain", "signsgd", "skip_nonfinite")])
+def test_sweep_functional_state_of_other_params(name):
+    opt, params, grads, _ = _functional_case(name)
+    other = opt.init_state({"a": torch.ones(3, 2), "c": torch.ones(3, 2)})
+    _assert_refused(lambda: opt.update(params, grads, other, donate=True), ValueError,
+                    r"'b'|'c'", (params, grads, other))
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONAL))
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_sweep_functional_set_hyperparams_out_of_range(name, value):
+    opt, params, grads, state = _functional_case(name)
+    lr_path = next(k for k in ft.get_hyperparams(state) if k.rsplit(".", 1)[-1] == "lr")
+    _assert_refused(lambda: ft.set_hyperparams(state, optimizer=opt, **{lr_path: value}),
+                    ValueError, f"'{lr_path}'", state)
+
+
+ADAPTER_BAD = {
+    "group-lr-negative": lambda opt, m: opt.param_groups[0].__setitem__("lr", -1.0),
+    "group-lr-inf": lambda opt, m: opt.param_groups[0].__setitem__("lr", float("inf")),
+    "group-lr-str": lambda opt, m: opt.param_groups[0].__setitem__("lr", "1e-3"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_BAD))
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_sweep_adapter_group_values_set_later(name, case):
+    m = _model()
+    opt = ADAPTERS[name](m.named_parameters())
+    _train(m, opt, 1)
+    ADAPTER_BAD[case](opt, m)
+    _backward(m, 1)
+    params, state = [p.detach().clone() for p in m.parameters()], _snapshot(opt)["state"]
+    with pytest.raises((TypeError, ValueError), match=r"param group 0.*'lr'"):
+        opt.step()
+    for p, q in zip(m.parameters(), params):
+        assert torch.equal(p, q)
+    assert_trees_equal(_snapshot(opt)["state"], state)
+
+
+@pytest.mark.parametrize("name", [n for n in ADAPTERS if n != "SignSGD"])
+def test_sweep_adapter_state_dict_of_another_shape(name):
+    """A state dict saved for a model of other shapes is refused naming the param."""
+    m = _model()
+    opt = ADAPTERS[name](m.named_parameters())
+    _train(m, opt, 1)
+    torch.manual_seed(1)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    other_opt = ADAPTERS[name](other.named_parameters())
+    _train(other, other_opt, 1)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param '0\.(weight|bias)'"):
+        opt.load_state_dict(other_opt.state_dict())
+    assert_trees_equal(_snapshot(opt), before)

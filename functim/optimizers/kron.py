@@ -102,6 +102,7 @@ from .. import _tree
 from ..base import (
     LOW_PRECISION,
     Optimizer,
+    buffer_leaves,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
@@ -360,7 +361,7 @@ class Kron(Optimizer):
         if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.ndim == 1):
             raise ValueError(f"{self.name}: state['rng'] must be a torch.Generator state (a 1-D "
                              f"uint8 tensor), got {_tree.describe_leaf(rng)}")
-        m_leaves = self._tree_leaves(params, state["momentum_buffer"], "momentum_buffer")
+        m_leaves = buffer_leaves(self.name, params, state["momentum_buffer"], "momentum_buffer")
         q_leaves = self._tree_leaves(params, state["Q"], "Q")
         for i, (p, m, q) in enumerate(zip(p_leaves, m_leaves, q_leaves)):
             if p is None:
