@@ -680,11 +680,11 @@ class FunctimOptimizer(torch.optim.Optimizer):
 
     def _layout(self, gi: int, group: dict, opt: ft.Optimizer) -> _Layout:
         cache = self._caches.setdefault(gi, {})
-        if "layout" not in cache:
+        if cache.get("layout_of") is not opt:
             # only the state's structure is needed: build it on the meta device (no memory)
             tree = {n: torch.empty_like(p, device="meta")
                     for n, p in zip(self._names(gi, group), group["params"])}
-            cache["layout"] = _Layout(opt.init_state(tree), tree)
+            cache.update(layout=_Layout(opt.init_state(tree), tree), layout_of=opt)
         return cache["layout"]
 
     def _step_generic(self, gi: int, group: dict, opt: ft.Optimizer) -> None:
@@ -692,18 +692,38 @@ class FunctimOptimizer(torch.optim.Optimizer):
         if all(p.grad is None for p in params):
             return
         names = self._names(gi, group)
-        tree = dict(zip(names, params))
-        grads = {n: p.grad for n, p in tree.items()}
         layout = self._layout(gi, group, opt)
-        first = next(p for p in params if p.grad is not None)
         host = self._group_hparams(group)
-        state = layout.assemble(self.state, tree, first, host)
-        new_params, new_state = opt.update(tree, grads, state, donate=True)
-        for n, p in tree.items():
-            q = new_params[n]
-            if q is not p:
-                p.copy_(q)
-        layout.scatter(new_state, self.state, tree)
+        for idx in self._stepping_together(gi, group, layout):
+            tree = {names[i]: params[i] for i in idx}
+            grads = {n: p.grad for n, p in tree.items()}
+            state = layout.assemble(self.state, tree, params[idx[0]], host)
+            new_params, new_state = opt.update(tree, grads, state, donate=True)
+            for n, p in tree.items():
+                q = new_params[n]
+                if q is not p:
+                    p.copy_(q)
+            layout.scatter(new_state, self.state, tree)
+
+    def _stepping_together(self, gi: int, group: dict, layout: _Layout) -> list[list[int]]:
+        """The group's params that have a grad, split where their scalar state (the step count,
+        SOAP's and Kron's counters) differs, as lists of indices: each runs as one functional
+        update. torch.optim counts steps per param, so a param that starts getting grads late
+        (progressive unfreezing) starts at step 1; params that always step together are one
+        update, as before. Cached per pattern of grads (the scalars are read on the host only
+        when it changes, or after loading a state dict)."""
+        params = group["params"]
+        key = tuple(p.grad is not None for p in params)
+        cache = self._caches.setdefault(gi, {})
+        if cache.get("together_key") != key:
+            active = [i for i, has_grad in enumerate(key) if has_grad]
+            by_value: dict[tuple, list[int]] = {}
+            for i in active:
+                values = tuple(v for path in layout.scalar_paths for v in
+                               self.state[params[i]][path].detach().reshape(-1).tolist())
+                by_value.setdefault(values, []).append(i)
+            cache.update(together_key=key, together=list(by_value.values()))
+        return cache["together"]
 
 
 def _like_param(v: torch.Tensor, p: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -408,3 +408,34 @@ def test_unknown_group_key_set_later_is_refused_at_the_next_step():
 def test_negative_group_lr_scale_is_refused():
     with pytest.raises(ValueError, match="'lr'"):
         adapters.FunctimOptimizer(_named(), _partition(), lr=-1.0)
+
+
+# -- steps counted per parameter, as torch.optim counts them --------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda ps: adapters.Muon(ps, lr=0.02),
+    lambda ps: adapters.Soap(ps, lr=1e-2, precondition_frequency=2),
+    lambda ps: adapters.Kron(ps, lr=1e-2),
+], ids=["Muon", "Soap", "Kron"])
+def test_a_param_unfrozen_late_starts_at_step_one(make):
+    """Progressive unfreezing: a param that gets its first grad after 5 steps of the others
+    takes the step a fresh optimizer would take on it (its own step count, from 1), and the
+    others keep counting."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    late = torch.nn.Parameter(torch.randn(3))
+    g = torch.Generator().manual_seed(1)
+    opt = make([("blocks.0.w", w), ("blocks.0.bias", late)])
+    for _ in range(5):
+        w.grad = torch.randn(4, 3, generator=g)
+        opt.step()
+    late_grad = torch.randn(3, generator=g)
+    fresh_late = torch.nn.Parameter(late.detach().clone())
+    fresh = make([("blocks.0.bias", fresh_late)])
+    fresh_late.grad = late_grad.clone()
+    fresh.step()
+    w.grad, late.grad = torch.randn(4, 3, generator=g), late_grad.clone()
+    steps_of_w = int(opt.state[w]["step"])
+    opt.step()
+    assert torch.equal(late.detach(), fresh_late.detach())
+    assert int(opt.state[late]["step"]) == int(fresh.state[fresh_late]["step"])
+    assert int(opt.state[w]["step"]) == steps_of_w + 1
