@@ -75,7 +75,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from step_time import _register_adapters, markdown_table  # noqa: E402
+from step_time import _register_adapters, gpt_shapes, markdown_table  # noqa: E402
 
 import functim as ft  # noqa: E402
 
@@ -86,22 +86,6 @@ Shapes = list[tuple[str, tuple[int, ...]]]
 
 
 # -- shape sets -------------------------------------------------------------------------------
-def gpt_shapes(vocab: int, ctx: int, d: int, layers: int) -> Shapes:
-    """The parameters of a GPT-2-style model (tied output head), named as GPT-2's."""
-    shapes = [("wte.weight", (vocab, d)), ("wpe.weight", (ctx, d))]
-    for i in range(layers):
-        h = f"h.{i}."
-        shapes += [
-            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
-            (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
-            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
-            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
-            (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
-            (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
-        ]
-    return shapes + [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
-
-
 SHAPE_SETS: dict[str, Callable[[], Shapes]] = {
     "gpt2-small": lambda: gpt_shapes(50257, 1024, 768, 12),
     "gpt-1b": lambda: gpt_shapes(50304, 2048, 2048, 18),

@@ -209,21 +209,25 @@ RESULT_TAG = "STEP_TIME_RESULT "
 
 
 # -- cases ------------------------------------------------------------------------------------
+def gpt_shapes(vocab: int, ctx: int, d: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters of a GPT-2-style model (tied output head), named as GPT-2's."""
+    shapes = [("wte.weight", (vocab, d)), ("wpe.weight", (ctx, d))]
+    for i in range(layers):
+        h = f"h.{i}."
+        shapes += [
+            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+            (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
+            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+            (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
+            (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
+        ]
+    return shapes + [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+
+
 def case_shapes(case: str) -> list[tuple[str, tuple[int, ...]]]:
     if case == "A":
-        d, vocab, ctx, n_layer = 768, 50257, 1024, 12
-        shapes = [("wte.weight", (vocab, d)), ("wpe.weight", (ctx, d))]
-        for i in range(n_layer):
-            h = f"h.{i}."
-            shapes += [
-                (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
-                (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
-                (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
-                (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
-                (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
-                (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
-            ]
-        shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+        shapes = gpt_shapes(vocab=50257, ctx=1024, d=768, layers=12)
         assert len(shapes) == 148 and n_params(shapes) == 124_439_808
         return shapes
     if case == "B":

@@ -10,29 +10,15 @@ import copy
 import pytest
 import torch
 from conftest import assert_trees_equal, clone_tree
+from test_family_contract import ADAPTERS as FAMILY_ADAPTERS
 
 import functim as ft
 from functim import adapters
 
-# every adapter class, built with settings where each of its buffers is in use
-ADAPTERS = {
-    "AdamW": lambda ps: adapters.AdamW(ps, lr=1e-2),
-    "AdamW-foreach": lambda ps: adapters.AdamW(ps, lr=1e-2, fused=False),
-    "SGD": lambda ps: adapters.SGD(ps, lr=1e-2, momentum=0.9),
-    "NAdamW": lambda ps: adapters.NAdamW(ps, lr=1e-2, variant="torch"),
-    "CautiousAdamW": lambda ps: adapters.CautiousAdamW(ps, lr=1e-2),
-    "CautiousLion": lambda ps: adapters.CautiousLion(ps, lr=1e-2),
-    "Lion": lambda ps: adapters.Lion(ps, lr=1e-2, weight_decay=0.1),
-    "SignSGD": lambda ps: adapters.SignSGD(ps, lr=1e-2),
-    "Signum": lambda ps: adapters.Signum(ps, lr=1e-2),
-    "Mars": lambda ps: adapters.Mars(ps, lr=1e-2),
-    "ScheduleFreeAdamW": lambda ps: adapters.ScheduleFreeAdamW(ps, lr=1e-2, warmup_steps=2),
-    "Muon": lambda ps: adapters.Muon(ps, lr=1e-2, weight_decay=0.1),
-    "Scion": lambda ps: adapters.Scion(ps, lr=1e-2, momentum=0.1),
-    "Sophia": lambda ps: adapters.Sophia(ps, lr=1e-2, weight_decay=0.1),
-    "Kron": lambda ps: adapters.Kron(ps, lr=1e-2, weight_decay=0.1),
-    "Soap": lambda ps: adapters.Soap(ps, lr=1e-2, precondition_frequency=2),
-}
+# every adapter class (test_family_contract's, with settings where each buffer is in use), and
+# AdamW on functim's own kernel
+ADAPTERS = {**FAMILY_ADAPTERS,
+            "AdamW-foreach": lambda ps: adapters.AdamW(ps, lr=1e-2, fused=False)}
 
 FUNCTIONAL = {
     "adamw": lambda: ft.adamw(lr=1e-2),

@@ -20,6 +20,7 @@ from conftest import assert_trees_equal, clone_tree
 from devices import HostTransfers
 from hypothesis import given
 from hypothesis import strategies as st
+from test_family_contract import _grads, _params
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
@@ -71,18 +72,6 @@ ADAPTERS = {
 WINDOW = 4  # the check starts with 2 earlier observations (max(2, 4 // 2 - 1))
 LOSSES = [2.0, 2.2, 1.9, 2.1, 2.0, 2.05, 1.95, 2.1]  # a calm run; tests put spikes in
 SPIKE = 100.0
-
-
-def _params(dtype=torch.float64, lead=()):
-    g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(*lead, 4, 3, generator=g, dtype=dtype),
-            "b": torch.randn(*lead, 3, generator=g, dtype=dtype)}
-
-
-def _grads(seed, dtype=torch.float64, lead=()):
-    g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(*lead, 4, 3, generator=g, dtype=dtype),
-            "b": torch.randn(*lead, 3, generator=g, dtype=dtype)}
 
 
 def _losses(spikes=()):
