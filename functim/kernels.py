@@ -476,9 +476,6 @@ class ListOps:
     def sign(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
         return self._run("sign", xs, inplace=inplace, out=out)
 
-    def abs(self, xs: TensorList, *, inplace: bool = False, out=None) -> TensorList:
-        return self._run("abs", xs, inplace=inplace, out=out)
-
     def clamp_min(self, xs: TensorList, low: float, *, inplace: bool = False,
                   out=None) -> TensorList:
         return self._run("clamp_min", xs, low, inplace=inplace, out=out)
@@ -519,9 +516,6 @@ class ListOps:
             foreach_copy_(params, work)
             return list(params)
         return [w.to(p.dtype) for w, p in zip(work, params)]
-
-    def copy(self, xs: TensorList) -> TensorList:
-        return [x.clone() for x in xs]
 
 
 # elements per tile of a tiled step (see tile_views): 4 MiB of float32 per tensor, so a tile's

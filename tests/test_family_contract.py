@@ -186,11 +186,12 @@ def test_per_leaf_norms_count_exactly_beyond_float32(per_tensor):
     """The cautious mask's mean and MARS's clip norm accumulate in float64: in float32, summing
     2^25 + 7 ones gives 2^25 (it once made cautious_adamw's mask scale wrong on embeddings)."""
     from functim.kernels import ListOps
-    from functim.optimizers.cautious import cautious_mask
+    from functim.optimizers.cautious import mask_and_scale
 
     n = 2**25 + 7
     ones = torch.ones(n)
     ops = ListOps(per_tensor=per_tensor)
     assert float(ops.norm([ones], 1.0)[0]) == n
-    scaled = cautious_mask(ops, [ones], [ones], "mean", 0.0)[0]
+    mask, scale = mask_and_scale(ops, [ones], [ones], "mean", 0.0)
+    scaled = ops.div(mask, scale)[0]
     assert scaled.dtype == torch.float32 and bool((scaled == 1.0).all())

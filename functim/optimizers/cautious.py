@@ -33,12 +33,6 @@ NORMALIZATIONS = ("mean", "paper", "eps")
 LION_EPS = 1e-8
 
 
-def cautious_mask(ops, direction, g, normalization, eps):
-    """``φ̃``: the normalised per-tensor mask of where ``direction`` agrees in sign with ``g``."""
-    mask, scale = mask_and_scale(ops, direction, g, normalization, eps)
-    return ops.div(mask, scale, inplace=True)
-
-
 def agreement(ops, direction, g, *, owned=False):
     """The mask ``φ = 1[direction ⊙ g > 0]``, in the dtype of ``direction`` (0 where the
     product is NaN, as C-Optim's ``(u * g > 0).to(g.dtype)``). ``owned``: ``direction`` is a
