@@ -148,6 +148,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
             hp["lr"] = 1.0
         merged = {**hp, **defaults}
         self._caches: dict[int, Any] = {}
+        self._checked_groups: dict[int, list] = {}  # group values last checked (at step())
         super().__init__(_named_param_groups(params), merged)
         for group in self.param_groups:
             self._validate_group(group)
@@ -356,13 +357,6 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 if entry is not None:
                     self._check_entry(opt, name, p, entry, want)
                 found.append(entry)
-            without = [n for n, e in zip(names, found) if e is None]
-            if without and len(without) < len(names) and not isinstance(opt,
-                                                                        ElementwiseOptimizer):
-                raise ValueError(
-                    f"{cls}.load_state_dict: param group {gi} of the state dict has no state for "
-                    f"{without} but has it for the group's other params; {opt.name} keeps "
-                    "counters shared by the group, so a partial state cannot be resumed")
             groups.append(new)
             entries.append(found)
         return groups, entries
@@ -486,7 +480,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         constructor's checks, before any group steps. Checked when a value changed since the
         last check (a tensor value, when it is another tensor: its value is not read on the
         host, which would be a device sync)."""
-        checked = self.__dict__.setdefault("_checked_groups", {})
+        checked = self._checked_groups
         for gi, group in enumerate(self.param_groups):
             values = [(k, id(v) if isinstance(v, torch.Tensor) else v)
                       for k, v in group.items() if k not in ("params", "param_names")]
