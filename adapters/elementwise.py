@@ -20,9 +20,11 @@ class Lion(NamedAdapter):
     static_options = ("state_dtype",)
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
-                 *, state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+                 *, state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None,
+                 compile: bool = False):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                         state_dtype=state_dtype, weight_decay_mask=weight_decay_mask)
+                         state_dtype=state_dtype,
+                         weight_decay_mask=weight_decay_mask, compile=compile)
 
 
 class SignSGD(NamedAdapter):
@@ -32,9 +34,10 @@ class SignSGD(NamedAdapter):
     static_options = ("state_dtype",)
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, *,
-                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None,
+                 compile: bool = False):
         super().__init__(params, lr=lr, weight_decay=weight_decay, state_dtype=state_dtype,
-                         weight_decay_mask=weight_decay_mask)
+                         weight_decay_mask=weight_decay_mask, compile=compile)
 
 
 class Signum(NamedAdapter):
@@ -44,9 +47,11 @@ class Signum(NamedAdapter):
     static_options = ("state_dtype",)
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 0.95, weight_decay: float = 0.0,
-                 *, state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+                 *, state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None,
+                 compile: bool = False):
         super().__init__(params, lr=lr, beta=beta, weight_decay=weight_decay,
-                         state_dtype=state_dtype, weight_decay_mask=weight_decay_mask)
+                         state_dtype=state_dtype,
+                         weight_decay_mask=weight_decay_mask, compile=compile)
 
 
 class NAdamW(NamedAdapter):
@@ -58,10 +63,11 @@ class NAdamW(NamedAdapter):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, variant: str = "optax",
                  momentum_decay: float = 4e-3, state_dtype: torch.dtype | None = None,
-                 weight_decay_mask: Any = None):
+                 weight_decay_mask: Any = None, compile: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          variant=variant, momentum_decay=momentum_decay,
-                         state_dtype=state_dtype, weight_decay_mask=weight_decay_mask)
+                         state_dtype=state_dtype,
+                         weight_decay_mask=weight_decay_mask, compile=compile)
         for g in self.param_groups:
             # torch.optim.NAdam's key for this (its default is False, an L2 decay), so that
             # torch.optim.NAdam steps a state dict of this optimizer as it would
@@ -76,10 +82,11 @@ class CautiousAdamW(NamedAdapter):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, *, normalization: str = "mean",
-                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None,
+                 compile: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          normalization=normalization, state_dtype=state_dtype,
-                         weight_decay_mask=weight_decay_mask)
+                         weight_decay_mask=weight_decay_mask, compile=compile)
 
 
 class CautiousLion(NamedAdapter):
@@ -90,7 +97,7 @@ class CautiousLion(NamedAdapter):
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.95, 0.98), weight_decay: float = 0.0,
                  *, normalization: str = "mean", state_dtype: torch.dtype | None = None,
-                 weight_decay_mask: Any = None):
+                 weight_decay_mask: Any = None, compile: bool = False):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay,
                          normalization=normalization, state_dtype=state_dtype,
-                         weight_decay_mask=weight_decay_mask)
+                         weight_decay_mask=weight_decay_mask, compile=compile)

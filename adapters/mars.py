@@ -41,7 +41,7 @@ class Mars(NamedAdapter):
                  betas_1d=(0.9, 0.95), weight_decay_1d: float = 0.1, *,
                  clip: str = "per_tensor", state_dtype: torch.dtype | None = None,
                  weight_decay_mask: Any = None, fused: bool | None = None,
-                 is_approx: bool = True):
+                 is_approx: bool = True, compile: bool = False):
         if is_approx is not True:
             raise ValueError("functim.adapters.Mars: is_approx=False (the reference's 'exact' "
                              "variant, two backward passes per step) is not implemented")
@@ -51,7 +51,7 @@ class Mars(NamedAdapter):
                          amsgrad=amsgrad, gamma=gamma, mars_type=mars_type,
                          optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=betas_1d,
                          weight_decay_1d=weight_decay_1d, clip=clip, state_dtype=state_dtype,
-                         fused=fused, weight_decay_mask=weight_decay_mask)
+                         fused=fused, weight_decay_mask=weight_decay_mask, compile=compile)
 
     def _ctor_kwargs(self, group: dict) -> dict:
         return {**super()._ctor_kwargs(group), "lr_init": self._lr_init}

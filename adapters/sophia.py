@@ -81,7 +81,8 @@ class Sophia(NamedAdapter):
     def __init__(self, params, lr: float = 1e-4, betas=(0.965, 0.99), rho: float = 0.04,
                  weight_decay: float = 1e-1, *, maximize: bool = False, capturable: bool = False,
                  bs: float = 1.0, eps: float = 1e-15, hessian_interval: int = 10, seed: int = 0,
-                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None,
+                 compile: bool = False):
         _reject_unsupported("Sophia", capturable=capturable)
         sophia(hessian_interval=hessian_interval, seed=seed)  # validates both
         self.hessian_interval = hessian_interval
@@ -90,7 +91,7 @@ class Sophia(NamedAdapter):
         self._rng: torch.Tensor | None = None
         super().__init__(params, lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs,
                          eps=eps, maximize=maximize, state_dtype=state_dtype,
-                         weight_decay_mask=weight_decay_mask)
+                         weight_decay_mask=weight_decay_mask, compile=compile)
 
     # -- the RNG key, shared by every param ------------------------------------------------
     def _all_params(self) -> list[torch.Tensor]:

@@ -30,8 +30,9 @@ import torch
 
 import functim as ft
 from functim import _tree
-from functim.base import ElementwiseOptimizer
+from functim.elementwise import ElementwiseOptimizer
 from functim.hyperparams import HPARAM_DTYPE, HPARAMS_KEY, check_hyperparam, get_hyperparams
+from functim.state import decay_flags
 
 _STATIC_KEYS = ("params", "param_names", "initial_lr")
 # torch.optim's execution flags: a loaded param group may carry them (torch.optim checkpoints do);
@@ -245,13 +246,13 @@ class FunctimOptimizer(torch.optim.Optimizer):
         tree = dict(zip(self._names(gi, group), params))
         with torch.no_grad():
             st = opt.init_state(tree)
-        if isinstance(opt, ElementwiseOptimizer):
+        if _steps_elementwise(opt):
             for b in opt.buffer_names:
                 for name, p in tree.items():
                     self.state[p].setdefault(b, st[b][name])
             for p in params:
                 self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
-                for name in opt.scalars:
+                for name in opt.scalar_state:
                     self.state[p].setdefault(name, st[name].clone())
             return
         layout = _Layout(st, tree)
@@ -268,11 +269,11 @@ class FunctimOptimizer(torch.optim.Optimizer):
                 for n, p in zip(self._names(gi, group), group["params"])}
         st = opt.init_state(tree)
         out: dict[str, dict] = {n: {} for n in tree}
-        if isinstance(opt, ElementwiseOptimizer):
+        if _steps_elementwise(opt):
             for name in tree:
                 out[name] = {b: st[b][name] for b in opt.buffer_names}
                 out[name]["step"] = torch.zeros((), dtype=torch.float32, device="meta")
-                out[name].update({k: st[k] for k in opt.scalars})
+                out[name].update({k: st[k] for k in opt.scalar_state})
         else:
             layout = _Layout(st, tree)
             for key, name, t in layout.buffer_entries(st):
@@ -402,7 +403,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         if not isinstance(entry, Mapping):
             raise ValueError(f"{cls}.load_state_dict: the state of param {name!r} must be a "
                              f"dict, got {type(entry).__name__}")
-        elementwise = isinstance(opt, ElementwiseOptimizer)
+        elementwise = _steps_elementwise(opt)
         for key, v in entry.items():
             t = want.get(key)
             if t is None:
@@ -434,7 +435,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         apply); scalars in the functional state's dtype, on the CPU where it keeps them there
         (host-read counters: on the param's device each read would be a sync)."""
         opt = self._group_optimizer(group)
-        elementwise = isinstance(opt, ElementwiseOptimizer)
+        elementwise = _steps_elementwise(opt)
         template = self._state_template(gi, group, opt)
         on_cpu = set() if elementwise else self._layout(gi, group, opt).cpu_scalars
         for p, entry, want in zip(group["params"], entries, template):
@@ -469,7 +470,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         self._check_dense_grads(grads)
         for gi, group in enumerate(self.param_groups):
             opt = self._group_optimizer(group)
-            if isinstance(opt, ElementwiseOptimizer):
+            if _steps_elementwise(opt):
                 self._step_elementwise(gi, group, opt, grads[gi])
             else:
                 self._step_generic(gi, group, opt)
@@ -510,7 +511,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         an elementwise optimizer (AdamW, SGD, NAdamW, Lion, SignSGD, Signum, Cautious AdamW and
         Lion, MARS, Sophia), whose kernels are traced (torch's fused kernels are not used
         there). Otherwise a compiled ``step()`` raises a RuntimeError saying what to do."""
-        return all(isinstance(self._group_optimizer(g), ElementwiseOptimizer)
+        return all(_steps_elementwise(self._group_optimizer(g))
                    for g in self.param_groups)
 
     def _check_compilable(self) -> None:
@@ -542,9 +543,9 @@ class FunctimOptimizer(torch.optim.Optimizer):
               for k, v in host.items()}
         for sub in cache["subgroups"]:
             sub["step_t"].add_(1)
-            kernel_hp, new_scalars = opt.prepare_scalars(hp, sub["step_t"], sub["scalars"])
+            scalars, new_scalars = opt.step_scalars(hp, sub["step_t"], sub["scalars"])
             new_p, new_b = opt.step_leaves(
-                sub["params"], [grads[i] for i in sub["index"]], sub["buffers"], kernel_hp,
+                sub["params"], [grads[i] for i in sub["index"]], sub["buffers"], scalars,
                 sub["step_t"], sub["decay"], donate=True, host_hp=host_hp, fused=fused)
             for p, q in zip(sub["params"], new_p):
                 if q is not p:
@@ -608,12 +609,12 @@ class FunctimOptimizer(torch.optim.Optimizer):
         # in named_parameters() order: map the flags back by name
         flat, _ = _tree.flatten(tree)
         by_name = dict(zip(_tree.paths(tree),
-                           ft.base.decay_flags(opt.weight_decay_mask, tree, flat, None)))
+                           decay_flags(opt.weight_decay_mask, tree, flat, None)))
         decay_all = [by_name[n] for n in names]
         # params step together when their step counts (and scalar state, e.g. NAdam's
         # mu_product) agree: one read of those CPU scalars per rebuild
-        rows = [[self.state[params[i]]["step"], *(self.state[params[i]][n] for n in opt.scalars)]
-                for i in active]
+        rows = [[self.state[params[i]]["step"],
+                 *(self.state[params[i]][n] for n in opt.scalar_state)] for i in active]
         values = torch.stack([torch.stack([t.double() for t in r]) for r in rows]).tolist()
         by_value: dict[tuple, list[int]] = {}
         for i, v in zip(active, values):
@@ -630,8 +631,8 @@ class FunctimOptimizer(torch.optim.Optimizer):
             subgroups.append({
                 "index": idx, "params": ps, "step_shared": shared,
                 "scalars": {n: self.state[ps[0]][n].to(HPARAM_DTYPE, copy=True)
-                            for n in opt.scalars},
-                "scalar_copies": {n: [self.state[p][n] for p in ps] for n in opt.scalars},
+                            for n in opt.scalar_state},
+                "scalar_copies": {n: [self.state[p][n] for p in ps] for n in opt.scalar_state},
                 "buffers": {b: [self.state[p][b] for p in ps] for b in opt.buffer_names},
                 "decay": [decay_all[i] for i in idx],
                 "step_t": torch.tensor(int(v[0]), dtype=torch.int32, device=device),
@@ -660,7 +661,7 @@ class FunctimOptimizer(torch.optim.Optimizer):
         _tree.check_grads(opt.name, tree, dict(zip(names, grads)), donate=True)
         self._create_lazy_buffers(opt, params)
         for name, p in tree.items():
-            for key in ("step", *opt.buffer_names, *opt.scalars):
+            for key in ("step", *opt.buffer_names, *opt.scalar_state):
                 if key not in self.state[p]:
                     raise ValueError(
                         f"{type(self).__name__}: param {name!r} has no state[{key!r}], which "
@@ -729,6 +730,12 @@ def _like_param(v: torch.Tensor, p: torch.Tensor, device: torch.device) -> torch
 
 
 @torch._dynamo.disable
+def _steps_elementwise(opt: ft.Optimizer) -> bool:
+    """Whether a group of ``opt`` takes the elementwise path: per-param state (step, buffers,
+    scalar state) as torch.optim keeps it, stepped by the elementwise engine."""
+    return isinstance(opt, ElementwiseOptimizer) and opt.scalar_state_per_param
+
+
 def _refuse_compile(cls: str) -> None:
     # (dynamo-disabled: raised from traced code, the error would make dynamo fall back to
     # running the step eagerly instead of reaching the caller)
@@ -885,10 +892,12 @@ class NamedAdapter(FunctimOptimizer):
     dtype_options: tuple[str, ...] = ("state_dtype", "ns_dtype")
 
     def __init__(self, params, *, fused: bool | None = None, weight_decay_mask: Any = None,
-                 **kwargs: Any):
+                 compile: bool = False, **kwargs: Any):
         self._builders: dict = {}
-        self._wd_mask = weight_decay_mask
         extra = {"weight_decay_mask": weight_decay_mask} if weight_decay_mask is not None else {}
+        if compile:  # (only the elementwise adapters offer it)
+            extra["compile"] = compile
+        self._ctor_extra = extra
         # validates the defaults
         representative = type(self).functional(**_scalar_options(kwargs), **extra)
         # lists (betas, ns_coefficients, ...) as tuples in the groups, once the constructor has
@@ -924,8 +933,8 @@ class NamedAdapter(FunctimOptimizer):
         key = self._static_key(group)
         opt = self._builders.get(key)
         if opt is None:
-            extra = {"weight_decay_mask": self._wd_mask} if self._wd_mask is not None else {}
-            opt = self._builders[key] = type(self).functional(**self._ctor_kwargs(group), **extra)
+            opt = self._builders[key] = type(self).functional(**self._ctor_kwargs(group),
+                                                              **self._ctor_extra)
         return opt
 
     def _group_hparams(self, group: dict) -> dict:
@@ -953,7 +962,8 @@ class AdamW(NamedAdapter):
     ``fused=None`` (default) uses torch's fused AdamW kernel (the same maths) where it applies
     (CPU/CUDA), otherwise functim's multi-tensor kernel; ``fused=False`` always uses functim's
     kernel. Either way the result is bitwise that of ``ft.adamw(..., fused=<same>).update``.
-    ``state_dtype`` and ``weight_decay_mask`` as in :func:`functim.adamw`.
+    ``state_dtype``, ``weight_decay_mask`` and ``compile`` (the kernel compiled by
+    ``torch.compile``, where torch's fused kernel does not run) as in :func:`functim.adamw`.
     """
 
     functional = staticmethod(ft.adamw)
@@ -963,11 +973,12 @@ class AdamW(NamedAdapter):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None):
+                 state_dtype: torch.dtype | None = None, weight_decay_mask: Any = None,
+                 compile: bool = False):
         _reject_unsupported("AdamW", capturable=capturable, differentiable=differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
-                         fused=fused, weight_decay_mask=weight_decay_mask)
+                         fused=fused, weight_decay_mask=weight_decay_mask, compile=compile)
         for g in self.param_groups:
             g.setdefault("foreach", foreach)
 
@@ -984,12 +995,12 @@ class SGD(NamedAdapter):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False,
                  fused: bool | None = None, state_dtype: torch.dtype | None = None,
-                 weight_decay_mask: Any = None):
+                 weight_decay_mask: Any = None, compile: bool = False):
         _reject_unsupported("SGD", differentiable=differentiable)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                          state_dtype=state_dtype, fused=fused,
-                         weight_decay_mask=weight_decay_mask)
+                         weight_decay_mask=weight_decay_mask, compile=compile)
         for g in self.param_groups:
             g.setdefault("foreach", foreach)
 

@@ -5,7 +5,6 @@ Every optimizer is an :class:`Optimizer` with pure ``init_state(params)`` and
 ``functim.adapters``.
 """
 
-from .base import ElementwiseOptimizer, Optimizer
 from .combinators import (
     GradientTransform,
     accumulate,
@@ -15,10 +14,12 @@ from .combinators import (
     partition,
     skip_nonfinite,
 )
+from .elementwise import ElementwiseOptimizer
 from .ensemble import ensemble, vmap_axes
 from .hessian import gnb_hessian, hutchinson_hessian
 from .hyperparams import get_hyperparams, set_hyperparams
 from .linalg import MatrixDims, orthogonalize
+from .optimizer import Optimizer
 from .optimizers.adamw import adamw
 from .optimizers.cautious import cautious_adamw, cautious_lion
 from .optimizers.kron import kron

@@ -16,7 +16,7 @@ from typing import Any
 import optree
 import torch
 
-from .kernels import is_dtensor
+from .runtime import is_dtensor
 
 PyTree = Any
 

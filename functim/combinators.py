@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from . import _tree
-from .base import Optimizer, State, check_state_keys
 from .hyperparams import (
     HPARAMS_KEY,
     POSITIVE,
@@ -28,9 +27,11 @@ from .hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from .kernels import needs_per_tensor
+from .optimizer import Optimizer, State
 from .rules import Explanation, Rule, explain, rule_labels
+from .runtime import needs_per_tensor
 from .schedules import Schedule
+from .state import check_state_keys
 
 PyTree = Any
 

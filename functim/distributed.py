@@ -72,7 +72,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .kernels import has_dtensor, is_dtensor
+from .runtime import has_dtensor, is_dtensor
 
 if not dist.is_available():  # pragma: no cover - torch builds without distributed support
     raise ImportError("functim.distributed needs a torch build with torch.distributed")
@@ -532,8 +532,8 @@ def _scatter_output(mesh: DeviceMesh, slots: list[int | None], tmpl: Any,
                     device: torch.device) -> list[Any]:
     """One output of one stack, sent from each owner to the template's placements: the value
     for every occupied slot (a DTensor, or a plain tensor for a plain template; None for an
-    empty slot). ``result`` is this rank's
-    output ``k`` for its job ``job`` (None when it owns no job in this stack)."""
+    empty slot). ``result`` is this rank's output ``k`` for its job ``job`` (None when it owns
+    no job in this stack)."""
     world = len(slots)
     if is_dtensor(tmpl) or isinstance(tmpl, Layout):
         lay = Layout.of(tmpl) if is_dtensor(tmpl) else tmpl

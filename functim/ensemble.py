@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import _tree
-from .base import Optimizer, State
+from .optimizer import Optimizer, State
 
 
 def vmap_axes(tree: Any, axis: int | None = 0) -> Any:

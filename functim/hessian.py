@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from . import _tree
-from .kernels import ListOps, needs_per_tensor
+from .listops import ListOps
+from .runtime import needs_per_tensor
 
 PyTree = Any
 

@@ -75,7 +75,6 @@ from typing import Any
 import torch
 
 from . import _tree
-from .base import Optimizer, State, check_state_keys, state_device
 from .combinators import _find_step, _prefixed, gated_update, global_norm
 from .hyperparams import (
     HPARAMS_KEY,
@@ -85,8 +84,10 @@ from .hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from .kernels import is_dtensor
+from .optimizer import Optimizer, State
+from .runtime import is_dtensor
 from .schedules import Schedule
+from .state import check_state_keys, state_device
 
 PyTree = Any
 

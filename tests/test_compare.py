@@ -1,4 +1,4 @@
-"""``functim-compare`` (functim/compare/): the command end to end on a tiny model, its one-line
+"""``functim-compare`` (functim_compare/): the command end to end on a tiny model, its one-line
 errors, the optimizer registry, the LR schedule it applies, and the functional and adapter
 surfaces giving the same loss curves."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import functim as ft
-from functim import compare
+import functim_compare as compare
 
 TINY = ["--model-size", "tiny", "--device", "cpu"]
 
@@ -112,7 +112,7 @@ def test_list_help_and_console_script(capsys):
     rc, out, _ = _run_main(["--help"], capsys)
     assert rc == 0 and "--optimizers" in out and "--surface" in out
     scripts = importlib.metadata.entry_points(group="console_scripts", name="functim-compare")
-    assert [ep.value for ep in scripts] == ["functim.compare:main"]
+    assert [ep.value for ep in scripts] == ["functim_compare:main"]
 
 
 # -- bad options: one line on stderr, exit status 2, nothing trained ------------------------------
@@ -159,7 +159,7 @@ def test_cuda_without_cuda_is_an_option_error(capsys):
 
 
 def test_bad_option_from_the_shell_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "functim.compare", "--optimizers", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "functim_compare", "--optimizers", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""

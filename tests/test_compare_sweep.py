@@ -15,9 +15,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import functim.compare.sweep as sweep_module
-from functim import compare
-from functim.compare.registry import parse_value, show_value
+import functim_compare as compare
+import functim_compare.sweep as sweep_module
+from functim_compare.registry import parse_value, show_value
 
 TINY = ["--model-size", "tiny", "--device", "cpu"]
 SWEEP = ["--sweep", "adamw.lr=1e-3,3e-3", "--sweep", "muon.lr=0.01,0.02", "--seeds", "0,1",

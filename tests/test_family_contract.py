@@ -140,8 +140,8 @@ def test_compiled_update_matches_eager_without_recompiling(name):
     for op in ("_local_scalar_dense", "_foreach_norm", "_foreach_lerp"):
         assert op not in code, f"{name}: the compiled step calls aten.{op}"
     # the multi-tensor kernels' scalar coefficients are computed once per step, into buffers
-    # (functim.kernels.compiled_scalars), not inlined into every element's arithmetic
-    if any(isinstance(o, ft.ElementwiseOptimizer) for o in (opt, getattr(opt, "_engine", None))):
+    # (functim.runtime.compiled_scalars), not inlined into every element's arithmetic
+    if isinstance(opt, ft.ElementwiseOptimizer):
         assert "functim.materialize" in code, f"{name}: scalars are not materialised"
 
 
@@ -185,7 +185,7 @@ def test_adapter_resume_is_bitwise(name):
 def test_per_leaf_norms_count_exactly_beyond_float32(per_tensor):
     """The cautious mask's mean and MARS's clip norm accumulate in float64: in float32, summing
     2^25 + 7 ones gives 2^25 (it once made cautious_adamw's mask scale wrong on embeddings)."""
-    from functim.kernels import ListOps
+    from functim.listops import ListOps
     from functim.optimizers.cautious import mask_and_scale
 
     n = 2**25 + 7

@@ -172,6 +172,21 @@ def test_sgd_matches_torch(params, hp, seed, scale):
                                 f"{tag} momentum_buffer", scales["momentum_buffer"])
 
 
+@given(params=pytrees(), hp=sgd_hparams(), seed=seeds, scale=grad_scales)
+def test_sgd_multi_tensor_kernel_is_bitwise_torch_foreach(params, hp, seed, scale):
+    """``fused=False`` runs functim's own kernel: its ops are torch.optim.SGD's foreach ops in
+    torch's order (the step rounded once, as ``add_(g, alpha=−η)``), so the results are equal
+    bitwise, not only within a tolerance."""
+    grads = grad_sequence(params, seed, scale=scale)
+    ours, state = run_functim(ft.sgd(**hp, fused=False), params, grads)
+    ref_ps, ref_opt, _ = run_torch(torch.optim.SGD, params, grads, foreach=True, **hp)
+    for a, b in zip(tensor_leaves(ours), ref_ps):
+        assert torch.equal(a, b.detach())
+    if hp["momentum"] != 0:
+        for a, p in zip(tensor_leaves(state["momentum_buffer"]), ref_ps):
+            assert torch.equal(a, ref_opt.state[p]["momentum_buffer"])
+
+
 def test_adamw_defaults_match_torch():
     """The constructor defaults are torch.optim.AdamW's."""
     gen = torch.Generator().manual_seed(0)

@@ -319,8 +319,9 @@ def _grads(params, n, seed=0):
 
 @given(args=warmup_cosine_args(), dtype=st.sampled_from([torch.float32, F64]))
 def test_sgd_with_scheduled_lr_uses_schedule_of_completed_steps(args, dtype):
-    """Plain SGD: p_{k+1} = p_k − lr(k)·g_k, with k = completed updates (lr(0) first); equal
-    bitwise to setting the lr by hand each step; state["hyperparams"]["lr"] holds lr(k)."""
+    """Plain SGD: p_{k+1} = p_k − lr(k)·g_k, with k = completed updates (lr(0) first), rounded
+    once (a fused multiply-add, as torch.optim.SGD's foreach step); equal bitwise to setting the
+    lr by hand each step; state["hyperparams"]["lr"] holds lr(k)."""
     assume(args["total_steps"] <= 60)
     sched = ft.warmup_cosine(**args)
     n = args["total_steps"] + 2
@@ -328,14 +329,14 @@ def test_sgd_with_scheduled_lr_uses_schedule_of_completed_steps(args, dtype):
     params = {"w": torch.randn(3, 2, generator=gen, dtype=dtype), "b": None,
               "v": [torch.randn(4, generator=gen, dtype=dtype)]}
     grads = _grads(params, n)
-    opt = ft.sgd(lr=sched, fused=False)  # (torch's fused kernel rounds p − η·g once)
+    opt = ft.sgd(lr=sched, fused=False)
     manual = ft.sgd(lr=1.0, fused=False)
     state, m_state = opt.init_state(params), manual.init_state(params)
     assert torch.equal(state["hyperparams"]["lr"], sched(0))
     p, mp = params, params
     for k, g in enumerate(grads):
         lr_k = sched(k)
-        closed = tree_map(lambda x, gi, lr_k=lr_k: x - lr_k.to(x.dtype) * gi, p, g)
+        closed = tree_map(lambda x, gi, lr_k=lr_k: torch.addcmul(x, gi, -lr_k.to(x.dtype)), p, g)
         p, state = opt.update(p, g, state)
         mp, m_state = manual.update(mp, g, ft.set_hyperparams(m_state, lr=lr_k))
         assert torch.equal(state["hyperparams"]["lr"], lr_k), k

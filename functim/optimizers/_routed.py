@@ -16,15 +16,6 @@ from typing import Any
 import torch
 
 from .. import _tree
-from ..base import (
-    LOW_PRECISION,
-    Optimizer,
-    State,
-    buffer_leaves,
-    check_dtype_options,
-    check_state_keys,
-    state_device,
-)
 from ..hyperparams import (
     HPARAMS_KEY,
     Range,
@@ -32,9 +23,18 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, has_dtensor
 from ..linalg import MatrixDims, from_matrix, matrix_shape, orthogonalize_many, to_matrix
+from ..listops import ListOps, Scalar
+from ..numerics import buffer_dtype, decoupled_decay, widen
+from ..optimizer import Optimizer, State
 from ..rules import Explanation, Rule, explain, rule_labels
+from ..runtime import has_dtensor
+from ..state import (
+    buffer_leaves,
+    check_dtype_options,
+    check_state_keys,
+    state_device,
+)
 
 MatrixDimsSpec = Any  # None | {glob: MatrixDims} | callable (path, leaf) -> MatrixDims | None
 
@@ -153,9 +153,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
 
     # -- state ---------------------------------------------------------------------------
     def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
-        if self.state_dtype is not None:
-            return self.state_dtype
-        return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+        return buffer_dtype(param_dtype, self.state_dtype)
 
     def init_state(self, params: Any) -> State:
         plans = self.plan(params)
@@ -245,15 +243,16 @@ def orthogonalized_update(plans: Sequence[LeafRoute], u: list[torch.Tensor],
     return [from_matrix(o, x.shape, pl.dims) for o, x, pl in zip(out, u, plans)]
 
 
-def apply_update(ops: ListOps, p: list, upd: list, lr: torch.Tensor, shrink: torch.Tensor | None,
-                 *, donate: bool, work_dtype: torch.dtype) -> list:
-    """``p ← p·shrink − lr·upd`` computed in ``work_dtype`` and rounded into ``p`` once
-    (``shrink`` None: no decay). ``upd`` is a temporary and may be overwritten."""
+def apply_update(ops: ListOps, p: list, upd: list, lr: torch.Tensor,
+                 weight_decay: Scalar | None, *, donate: bool, work_dtype: torch.dtype) -> list:
+    """``p ← p·(1 − lr·weight_decay) − lr·upd`` computed in ``work_dtype`` and rounded into
+    ``p`` once (``weight_decay`` None: no decay). ``upd`` is a temporary and may be
+    overwritten."""
     mixed = p[0].dtype != work_dtype
-    pw = [x.to(work_dtype) for x in p] if mixed else p
+    pw = widen(p, work_dtype)
     own = mixed  # pw is ours to overwrite
-    if shrink is not None:
-        pw = ops.mul(pw, shrink, inplace=donate or own)
+    if weight_decay is not None:
+        pw = decoupled_decay(ops, pw, lr, weight_decay, decay=True, inplace=donate or own)
         own = True
     upd = ops.mul(upd, lr, inplace=True)
     pw = ops.sub(pw, upd, inplace=donate or own)

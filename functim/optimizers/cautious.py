@@ -24,33 +24,22 @@ from typing import Any
 
 import torch
 
-from ..base import ElementwiseOptimizer
+from ..elementwise import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas
-from .adamw import adam_denominator, adaptive_step, second_moment
-from .lion import decay_then_step
+from ..numerics import adam_denominator, decoupled_decay, ema, ema_of_squares
+from .adamw import adam_scalars
 
 NORMALIZATIONS = ("mean", "paper", "eps")
 LION_EPS = 1e-8
 
 
-def agreement(ops, direction, g, *, owned=False):
-    """The mask ``φ = 1[direction ⊙ g > 0]``, in the dtype of ``direction`` (0 where the
-    product is NaN, as C-Optim's ``(u * g > 0).to(g.dtype)``). ``owned``: ``direction`` is a
-    temporary that may be overwritten with ``φ``."""
-    return ops.positive(ops.mul(direction, g, out=direction if owned else None), inplace=True)
-
-
-def mask_and_scale(ops, direction, g, normalization, eps, *, counts=None, n=None):
-    """``(φ, s)``: the mask ``φ`` (:func:`agreement`) and the per-tensor normalisation ``s`` (a
-    list of 0-d tensors), ``φ̃ = φ/s``. The kernels fold ``1/s`` into their step's scale instead
-    of a pass over ``φ``. ``counts`` (Σφ per tensor) and ``n`` (elements per tensor) are given
-    when the leaves are stepped tile by tile (the engine's ``measure``); by default they are
-    those of ``direction``."""
-    mask = agreement(ops, direction, g)
-    if counts is None:
-        counts = ops.norm(mask, 1.0)  # Σφ per tensor
-    if n is None:
-        n = [float(x.numel()) for x in mask]
+def mask_and_scale(ops, direction, g, normalization, eps):
+    """``(φ, s)``: the mask ``φ = 1[direction ⊙ g > 0]`` in the dtype of ``direction`` (0 where
+    the product is NaN, as C-Optim's ``(u * g > 0).to(g.dtype)``) and the per-tensor
+    normalisation ``s`` (a list of 0-d tensors), ``φ̃ = φ/s``. The kernels fold ``1/s`` into
+    their step's scale instead of a pass over ``φ``."""
+    mask = ops.greater_than_zero(ops.mul(direction, g), inplace=True)
+    counts, n = ops.sum(mask), ops.numels(mask)  # Σφ and the size of each tensor
     if normalization == "mean":
         scale = [torch.clamp(c / k, min=1e-3) for c, k in zip(counts, n)]
     elif normalization == "paper":
@@ -60,47 +49,25 @@ def mask_and_scale(ops, direction, g, normalization, eps, *, counts=None, n=None
     return mask, scale
 
 
-def _cautious_adamw_measure(ops, p, g, b, hp, step):
-    """The mask whose count the step needs (the engine's ``measure``; nothing is modified)."""
-    return agreement(ops, ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), g, owned=True)
+def _cautious_adamw_kernel(ops, p, g, b, s, *, decay, inplace, normalization):
+    m = ema(ops, b["exp_avg"], g, s["beta1"], inplace=inplace)
+    mask, scale = mask_and_scale(ops, m, g, normalization, s["eps"])
+    v = ema_of_squares(ops, b["exp_avg_sq"], g, s["beta2"], inplace=inplace)
+    denom = adam_denominator(ops, v, s["eps"], s["sqrt_bias_correction2"])
+    p = decoupled_decay(ops, p, s["lr"], s["weight_decay"], decay=decay, inplace=inplace)
+    step_size = s["lr"] / s["bias_correction1"]
+    p = ops.addcdiv(p, ops.mul(mask, m, inplace=True), denom,
+                    value=[-step_size / c for c in scale], inplace=inplace)
+    return p, {"exp_avg": m, "exp_avg_sq": v}
 
 
-def _cautious_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization,
-                           norms=None, numels=None):
-    lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
-    m = ops.lerp(b["exp_avg"], g, 1 - beta1, inplace=inplace)
-    # the mask needs its per-tensor count before any leaf steps, so m ⊙ φ gets its own
-    # temporary; the denominator reuses the g² one
-    mask, scale = mask_and_scale(ops, m, g, normalization, hp["eps"], counts=norms, n=numels)
-    masked = ops.mul(mask, m, inplace=True)
-    v, new_b, denom = second_moment(ops, g, b, beta2, inplace=inplace)
-    denom, c = adam_denominator(ops, v, denom, hp, step)
-    # the normalisation φ/s folds into the step's scale: −η·c/(bc1·s) per leaf
-    step_scale = -lr * c / (1 - beta1**step)
-    p = adaptive_step(ops, p, masked, denom, hp, [step_scale / s for s in scale],
-                      decay=decay, inplace=inplace)
-    return p, {"exp_avg": m, **new_b}
-
-
-def _lion_direction(ops, g, b, hp):
-    return ops.sign(ops.lerp(b["exp_avg"], g, 1 - hp["beta1"]), inplace=True)
-
-
-def _cautious_lion_measure(ops, p, g, b, hp, step):
-    """The mask whose count the step needs (the engine's ``measure``; nothing is modified)."""
-    return agreement(ops, _lion_direction(ops, g, b, hp), g, owned=True)
-
-
-def _cautious_lion_kernel(ops, p, g, b, hp, step, *, decay, inplace, normalization,
-                          norms=None, numels=None):
-    u = _lion_direction(ops, g, b, hp)
-    # u ∈ {−1, 0, 1}: u ⊙ g is exact (no underflow). The step p − (η/s)·φ ⊙ u is one addcmul
-    # of φ and u, C-Optim's product
-    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS, counts=norms, n=numels)
-    p = decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace,
-                        scale=[1 / s for s in scale], mask=mask)
-    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
-    return p, {"exp_avg": m}
+def _cautious_lion_kernel(ops, p, g, b, s, *, decay, inplace, normalization):
+    u = ops.sign(ops.lerp(b["exp_avg"], g, 1 - s["beta1"]), inplace=True)
+    mask, scale = mask_and_scale(ops, u, g, normalization, LION_EPS)
+    p = decoupled_decay(ops, p, s["lr"], s["weight_decay"], decay=decay, inplace=inplace)
+    # u ∈ {−1, 0, 1}: the step p − (η/s)·φ ⊙ u is one addcmul of φ and u, C-Optim's product
+    p = ops.addcmul(p, mask, u, value=[-s["lr"] / c for c in scale], inplace=inplace)
+    return p, {"exp_avg": ema(ops, b["exp_avg"], g, s["beta2"], inplace=inplace)}
 
 
 def _check_normalization(owner: str, normalization: str) -> None:
@@ -118,6 +85,7 @@ def cautious_adamw(
     normalization: str = "mean",
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """Cautious AdamW (the C-Optim reference; ε outside the square root)."""
     _check_normalization("cautious_adamw", normalization)
@@ -130,11 +98,12 @@ def cautious_adamw(
                 "weight_decay": NONNEGATIVE},
         buffers=("exp_avg", "exp_avg_sq"),
         kernel=partial(_cautious_adamw_kernel, normalization=normalization),
-        measure=_cautious_adamw_measure,
-        measure_ord=1.0,
+        step_scalars=adam_scalars,
+        reductions=1,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         options={"normalization": normalization},
+        compile=compile,
     )
 
 
@@ -146,6 +115,7 @@ def cautious_lion(
     normalization: str = "mean",
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """Cautious Lion (C-Optim reference)."""
     _check_normalization("cautious_lion", normalization)
@@ -156,9 +126,9 @@ def cautious_lion(
         ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "weight_decay": NONNEGATIVE},
         buffers=("exp_avg",),
         kernel=partial(_cautious_lion_kernel, normalization=normalization),
-        measure=_cautious_lion_measure,
-        measure_ord=1.0,
+        reductions=1,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         options={"normalization": normalization},
+        compile=compile,
     )

@@ -99,15 +99,6 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import _tree
-from ..base import (
-    LOW_PRECISION,
-    Optimizer,
-    buffer_leaves,
-    check_dtype_options,
-    check_param_leaves,
-    check_state_keys,
-    state_device,
-)
 from ..hyperparams import (
     BETA,
     HPARAMS_KEY,
@@ -119,20 +110,23 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import (
-    ListOps,
-    group_by_device_and_dtype,
-    has_dtensor,
-    host_floats,
-    is_dtensor,
-    needs_per_tensor,
-)
 from ..linalg.shapes import kron_merge_shape
 from ..linalg.triangular import balance_factors, kron_precondition, update_factors
+from ..listops import ListOps, read_on_host
+from ..numerics import bias_correction, buffer_dtype, decoupled_decay, ema, precond_dtype, widen
+from ..optimizer import Optimizer
+from ..runtime import group_by_device_and_dtype, has_dtensor, is_dtensor, needs_per_tensor
+from ..state import (
+    buffer_leaves,
+    check_dtype_options,
+    check_param_leaves,
+    check_state_keys,
+    state_device,
+)
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
 RMS_CLIP = 1.1
-_HOST_KEYS = ("prob_step", "update_counter", "precond_updates")
+_HOST_COUNTERS = ("prob_step", "update_counter", "precond_updates")
 _INT = torch.int64
 
 
@@ -302,14 +296,10 @@ class Kron(Optimizer):
         return plan
 
     def momentum_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
-        if self.mu_dtype is not None:
-            return self.mu_dtype
-        return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+        return buffer_dtype(param_dtype, self.mu_dtype)
 
     def factor_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
-        if self.precond_dtype is not None:
-            return self.precond_dtype
-        return torch.float64 if param_dtype == torch.float64 else torch.float32
+        return precond_dtype(param_dtype, self.precond_dtype)
 
     def _init_factors(self, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
         plan = self.plan(p.shape)
@@ -345,14 +335,14 @@ class Kron(Optimizer):
         }
 
     def _check_state(self, params, p_leaves, state) -> tuple[list, list]:
-        check_state_keys(self.name, state, ["step", HPARAMS_KEY, *_HOST_KEYS, "rng",
+        check_state_keys(self.name, state, ["step", HPARAMS_KEY, *_HOST_COUNTERS, "rng",
                                             "momentum_buffer", "Q"])
         stored = state[HPARAMS_KEY]
         if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
             got = sorted(stored) if isinstance(stored, Mapping) else stored
             raise ValueError(f"{self.name}: state['{HPARAMS_KEY}'] must have "
                              f"{sorted(self.hyperparams)}, got {got}")
-        for k in (*_HOST_KEYS, "step"):
+        for k in (*_HOST_COUNTERS, "step"):
             v = state[k]
             if not (isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()):
                 raise ValueError(f"{self.name}: state[{k!r}] must be a 0-d integer tensor, got "
@@ -393,12 +383,14 @@ class Kron(Optimizer):
     def validate(self, params, grads, state) -> None:
         p_leaves, _, _ = _tree.check_grads(self.name, params, grads)
         self._check_state(params, p_leaves, state)
-        self._host_values(state)
+        self._host_counters(state)
 
     # -- host-side decisions -------------------------------------------------------------------
-    def _host_values(self, state) -> tuple[int, int, int, torch.Tensor]:
+    def _host_counters(self, state) -> tuple[int, int, int, torch.Tensor]:
+        """The counters the step decisions are made from, as ints (``prob_step``,
+        ``update_counter``, ``precond_updates``), and the generator state ``rng``, on the CPU."""
         vals = []
-        for k in _HOST_KEYS:
+        for k in _HOST_COUNTERS:
             v = state[k]
             vals.append(int(v if v.device.type == "cpu" else v.cpu()))
         rng = state["rng"]
@@ -426,7 +418,7 @@ class Kron(Optimizer):
     def update(self, params, grads, state, *, donate: bool = False, **extra):
         p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
         m_leaves, q_leaves = self._check_state(params, p_leaves, state)
-        n, counter, n_updates, rng = self._host_values(state)
+        n, counter, n_updates, rng = self._host_counters(state)
         do_update, new_counter = update_decision(self.update_probability, n, counter)
         balance = (do_update and self.balance_every > 0
                    and (n_updates + 1) % self.balance_every == 0)
@@ -474,12 +466,11 @@ class Kron(Optimizer):
         new_m: list = [None] * len(ps)
         m_hat: list = [None] * len(ps)
         for (dev, mdt), (msub, gsub), idx in group_by_device_and_dtype([ms, gs]):
-            gsub = [g if g.dtype == mdt else g.to(mdt) for g in gsub]
+            gsub = widen(gsub, mdt)
             b1_d = b1 if b1.device == dev else b1.to(dev)
             step_d = step if step.device == dev else step.to(dev)
-            mnew = ops.lerp(msub, gsub, 1 - b1_d, inplace=donate)
-            bc = 1 - b1_d ** step_d
-            mh = ops.div(mnew, bc)
+            mnew = ema(ops, msub, gsub, b1_d, inplace=donate)
+            mh = ops.div(mnew, bias_correction(b1_d, step_d))
             for j, a, b in zip(idx, mnew, mh):
                 new_m[j] = a
                 pd = self.factor_dtype(ps[j].dtype)
@@ -523,18 +514,18 @@ class Kron(Optimizer):
             coefs = list((-lr * clip).unbind())
             usub = ops.mul(usub, coefs, inplace=not ops.per_tensor)
             decay_flags = [p.ndim >= 2 for p in psub]
-            decay_on = any(decay_flags) and host_floats([hp["weight_decay"]]) != [0.0]
+            decay_on = any(decay_flags) and read_on_host([hp["weight_decay"]]) != [0.0]
             mixed = [p.dtype != pd for p in psub]
-            pw = [p.to(pd) if mx else p for p, mx in zip(psub, mixed)]
+            pw = widen(psub, pd)
             # in place only on donated params of the working dtype (others are fresh copies)
             owned = [mx or donate for mx in mixed]
-            if decay_on:
-                dec = [k for k, f in enumerate(decay_flags) if f]
-                shrink = 1 - lr * wd
-                for k in dec:
-                    pw[k] = _mul(ops, pw[k], shrink, owned[k])
-                    owned[k] = True
-            out = [_add(ops, x, u, own) for x, u, own in zip(pw, usub, owned)]
+            out: list = [None] * len(psub)
+            for (decay, own), ks in _partition(
+                    [(decay_on and f, o) for f, o in zip(decay_flags, owned)]):
+                xs = decoupled_decay(ops, [pw[k] for k in ks], lr, wd, decay=decay, inplace=own)
+                xs = ops.add(xs, [usub[k] for k in ks], inplace=own or decay)
+                for k, x in zip(ks, xs):
+                    out[k] = x
             for j, o, p, mx in zip(idx, out, psub, mixed):
                 new_p[j] = ops.write_back([p], [o], donate=donate)[0] if mx else o
         return new_p
@@ -620,17 +611,12 @@ class Kron(Optimizer):
         return out
 
 
-def _mul(ops: ListOps, x: torch.Tensor, s: torch.Tensor, inplace: bool) -> torch.Tensor:
-    s = s.to(x.dtype)
-    if inplace and not ops.per_tensor:
-        return x.mul_(s)
-    return x * s
-
-
-def _add(ops: ListOps, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
-    if inplace and not ops.per_tensor:
-        return x.add_(y)
-    return x + y
+def _partition(keys: Sequence) -> list[tuple[Any, list[int]]]:
+    """The indices of ``keys`` grouped by key, in first-seen order: ``[(key, indices), ...]``."""
+    groups: dict = {}
+    for k, key in enumerate(keys):
+        groups.setdefault(key, []).append(k)
+    return list(groups.items())
 
 
 def kron(

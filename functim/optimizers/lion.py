@@ -19,42 +19,33 @@ from typing import Any
 
 import torch
 
-from ..base import ElementwiseOptimizer
+from ..elementwise import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
-from .adamw import decoupled_decay
+from ..numerics import decoupled_decay, ema
 
 
-def decay_then_step(ops, p, signs, hp, *, decay, inplace, scale=None, mask=None):
-    """``p·(1 − η·λ) − η·scale·signs`` (``scale``: None = 1, or a list of per-leaf 0-d tensors),
-    the step in one pass (``addcmul``); with ``mask``, ``− η·scale·(mask ⊙ signs)``, also one
-    pass where the scale is a host value. ``signs`` is only read; ``mask``, an owned temporary,
-    may be overwritten."""
-    p, inplace = decoupled_decay(ops, p, hp, decay=decay, inplace=inplace)
-    lr = hp["lr"]
-    step = -lr if scale is None else [-lr * s for s in scale]
-    if mask is None:
-        return ops.add_scaled(p, signs, step, inplace=inplace)
-    values = ops.host_values(step, len(p))
-    if values is not None:
-        return ops.addcmul(p, mask, signs, value=values, inplace=inplace)
-    return ops.addcmul(p, ops.mul(mask, step, inplace=True), signs, inplace=inplace)
+def decay_then_step(ops, p, direction, s, *, decay, inplace, scale=1.0):
+    """``p ← p·(1 − η·λ) − η·scale·direction`` (``scale``: a float or per-leaf 0-d tensors), the
+    step in one pass (``addcmul``, rounded once). ``direction`` is only read."""
+    p = decoupled_decay(ops, p, s["lr"], s["weight_decay"], decay=decay, inplace=inplace)
+    if isinstance(scale, list):
+        return ops.add_scaled(p, direction, [-s["lr"] * c for c in scale], inplace=inplace)
+    return ops.add_scaled(p, direction, -s["lr"] * scale, inplace=inplace)
 
 
-def _lion_kernel(ops, p, g, b, hp, step, *, decay, inplace):
-    direction = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"])  # a new list: m is not touched
-    p = decay_then_step(ops, p, ops.sign(direction, inplace=True), hp, decay=decay,
-                        inplace=inplace)
-    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta2"], inplace=inplace)
-    return p, {"exp_avg": m}
+def _lion_kernel(ops, p, g, b, s, *, decay, inplace):
+    direction = ops.sign(ops.lerp(b["exp_avg"], g, 1 - s["beta1"]), inplace=True)
+    p = decay_then_step(ops, p, direction, s, decay=decay, inplace=inplace)
+    return p, {"exp_avg": ema(ops, b["exp_avg"], g, s["beta2"], inplace=inplace)}
 
 
-def _signsgd_kernel(ops, p, g, b, hp, step, *, decay, inplace):
-    return decay_then_step(ops, p, ops.sign(g), hp, decay=decay, inplace=inplace), {}
+def _signsgd_kernel(ops, p, g, b, s, *, decay, inplace):
+    return decay_then_step(ops, p, ops.sign(g), s, decay=decay, inplace=inplace), {}
 
 
-def _signum_kernel(ops, p, g, b, hp, step, *, decay, inplace):
-    m = ops.lerp(b["momentum"], g, 1 - hp["beta"], inplace=inplace)
-    p = decay_then_step(ops, p, ops.sign(m), hp, decay=decay, inplace=inplace)
+def _signum_kernel(ops, p, g, b, s, *, decay, inplace):
+    m = ema(ops, b["momentum"], g, s["beta"], inplace=inplace)
+    p = decay_then_step(ops, p, ops.sign(m), s, decay=decay, inplace=inplace)
     return p, {"momentum": m}
 
 
@@ -65,6 +56,7 @@ def lion(
     *,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """Lion (Chen et al. 2023) with lion-pytorch's defaults."""
     beta1, beta2 = check_betas("lion", betas)
@@ -76,7 +68,7 @@ def lion(
         kernel=_lion_kernel,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
-        tileable=True,
+        compile=compile,
     )
 
 
@@ -86,6 +78,7 @@ def signsgd(
     *,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """signSGD with decoupled weight decay (no state besides the step)."""
     return ElementwiseOptimizer(
@@ -96,7 +89,7 @@ def signsgd(
         kernel=_signsgd_kernel,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
-        tileable=True,
+        compile=compile,
     )
 
 
@@ -107,6 +100,7 @@ def signum(
     *,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """Signum: sign of an EMA of the gradient (β = 0.95 as LEV ``scale_by_signum``)."""
     check_hyperparam("signum", "beta", beta, BETA)
@@ -118,7 +112,7 @@ def signum(
         kernel=_signum_kernel,
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
-        tileable=True,
+        compile=compile,
     )
 
 

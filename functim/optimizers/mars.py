@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from ..base import ElementwiseOptimizer
+from ..elementwise import ElementwiseOptimizer
 from ..hyperparams import (
     BETA,
     NONNEGATIVE,
@@ -72,67 +72,50 @@ from ..hyperparams import (
     check_betas,
     check_hyperparam,
 )
-from ..kernels import foreach_copy_
+from ..numerics import bias_correction, ema
 from ..schedules import Schedule
-from .adamw import _adamw_kernel
+from .adamw import adamw_kernel
 from .lion import decay_then_step
 
 MARS_TYPES = ("mars-adamw", "mars-lion")
 CLIPS = ("per_tensor",)
 
 
-def _copy(ops, dst: list, src: list, inplace: bool) -> list:
-    """``src``'s values in ``dst``'s buffers (donated) or in fresh tensors; never an alias."""
-    if not src:
-        return src
-    if inplace and not ops.per_tensor:
-        foreach_copy_(dst, src)  # (DTensor-aware)
-        return dst
-    return [x.clone() for x in src]
-
-
-def _corrected_gradient(ops, g, b, hp):
-    """``c = g + γ·β1/(1−β1)·(g − last_grad)`` in one pass: lerp(last_grad, g, w) with w ≥ 1 is
-    computed as g − (g − last_grad)·(1 − w) (exactly g when γ = 0). A new list."""
-    beta1 = hp["beta1"]
-    return ops.lerp(b["last_grad"], g, 1 + hp["gamma"] * (beta1 / (1 - beta1)))
-
-
-def _mars_measure(ops, p, g, b, hp, step, *, kind):
-    """The corrected gradient whose norm the clip needs (the engine's ``measure``); the AdamW
-    branch needs none."""
-    return _corrected_gradient(ops, g, b, hp) if kind == "mars" else None
-
-
-def _mars_branch(ops, p, g, b, hp, step, *, decay, inplace, mars_type, amsgrad, norms=None):
-    c = _corrected_gradient(ops, g, b, hp)
-    # per-tensor unit-norm clip without a host sync: c / max(1, ‖c‖)
-    norms = ops.clamp_min(ops.norm(c) if norms is None else norms, 1.0)
-    c = ops.div(c, norms, inplace=True)
-    # c is an owned temporary: the kernels below reuse it as their scratch
-    if mars_type == "mars-adamw":
-        bufs = {k: b[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in b}
-        return _adamw_kernel(ops, p, c, bufs, hp, step, decay=decay, inplace=inplace,
-                             amsgrad=amsgrad, maximize=False, g_owned=True)
-    # mars-lion: sign of the EMA itself (one β)
-    m = ops.lerp(b["exp_avg"], c, 1 - hp["beta1"], inplace=inplace)
-    u = ops.sign(m, out=c)
-    return decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace), {"exp_avg": m}
-
-
-def _adamw_branch(ops, p, g, b, hp, step, *, decay, inplace, amsgrad, lr_init):
+def _mars_scalars(hp, step, scalar_state, *, lr_init):
+    """This step's bias corrections for both branches, the 1-D branch's learning rate and the
+    weight of the gradient correction."""
     if isinstance(lr_init, torch.Tensor):
         lr_init = lr_init.to(device=hp["lr"].device, dtype=hp["lr"].dtype)
-    hp_1d = {
-        "lr": hp["lr"] * (hp["lr_1d"] / lr_init),
-        "beta1": hp["beta1_1d"],
-        "beta2": hp["beta2_1d"],
-        "eps": hp["eps"],
-        "weight_decay": hp["weight_decay_1d"],
-    }
+    beta1 = hp["beta1"]
+    return {
+        "bias_correction1": bias_correction(beta1, step),
+        "sqrt_bias_correction2": torch.sqrt(bias_correction(hp["beta2"], step)),
+        "bias_correction1_1d": bias_correction(hp["beta1_1d"], step),
+        "sqrt_bias_correction2_1d": torch.sqrt(bias_correction(hp["beta2_1d"], step)),
+        "lr_1d_now": hp["lr"] * (hp["lr_1d"] / lr_init),
+        # c = g + γ·β1/(1−β1)·(g − last_grad) = lerp(last_grad, g, 1 + γ·β1/(1−β1))
+        "correction_weight": 1 + hp["gamma"] * (beta1 / (1 - beta1)),
+    }, {}
+
+
+def _mars_branch(ops, p, g, b, s, *, decay, inplace, mars_type, amsgrad):
+    c = ops.lerp(b["last_grad"], g, s["correction_weight"])  # the corrected gradient
+    c = ops.div(c, ops.clamp_min(ops.norm(c), 1.0), inplace=True)  # c / max(1, ‖c‖), per leaf
+    if mars_type == "mars-adamw":
+        bufs = {k: b[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in b}
+        return adamw_kernel(ops, p, c, bufs, s, decay=decay, inplace=inplace, amsgrad=amsgrad)
+    # mars-lion: sign of the EMA itself (one β)
+    m = ema(ops, b["exp_avg"], c, s["beta1"], inplace=inplace)
+    return decay_then_step(ops, p, ops.sign(m), s, decay=decay, inplace=inplace), {"exp_avg": m}
+
+
+def _adamw_branch(ops, p, g, b, s, *, decay, inplace, amsgrad):
+    s_1d = {"lr": s["lr_1d_now"], "beta1": s["beta1_1d"], "beta2": s["beta2_1d"],
+            "eps": s["eps"], "weight_decay": s["weight_decay_1d"],
+            "bias_correction1": s["bias_correction1_1d"],
+            "sqrt_bias_correction2": s["sqrt_bias_correction2_1d"]}
     bufs = {k: b[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in b}
-    return _adamw_kernel(ops, p, g, bufs, hp_1d, step, decay=decay, inplace=inplace,
-                         amsgrad=amsgrad, maximize=False)
+    return adamw_kernel(ops, p, g, bufs, s_1d, decay=decay, inplace=inplace, amsgrad=amsgrad)
 
 
 def _leaf_kind(p: torch.Tensor, *, optimize_1d: bool) -> str:
@@ -141,19 +124,17 @@ def _leaf_kind(p: torch.Tensor, *, optimize_1d: bool) -> str:
     return "mars" if optimize_1d or p.ndim == 2 else "adamw"
 
 
-def _mars_kernel(ops, p, g, b, hp, step, *, decay, inplace, kind, mars_type, amsgrad, lr_init,
-                 norms=None, numels=None):
+def _mars_kernel(ops, p, g, b, s, *, decay, inplace, kind, mars_type, amsgrad):
     """One kind of leaves (the engine groups them by :func:`_leaf_kind`)."""
     if kind == "mars":
-        out_p, out_b = _mars_branch(ops, p, g, b, hp, step, decay=decay, inplace=inplace,
-                                    mars_type=mars_type, amsgrad=amsgrad, norms=norms)
+        out_p, out_b = _mars_branch(ops, p, g, b, s, decay=decay, inplace=inplace,
+                                    mars_type=mars_type, amsgrad=amsgrad)
     else:
-        out_p, out_b = _adamw_branch(ops, p, g, b, hp, step, decay=decay, inplace=inplace,
-                                     amsgrad=amsgrad, lr_init=lr_init)
+        out_p, out_b = _adamw_branch(ops, p, g, b, s, decay=decay, inplace=inplace,
+                                     amsgrad=amsgrad)
     # last_grad is read above (c), so it is overwritten only now; buffers this kind of leaves
     # does not use (MARS-Lion's exp_avg_sq) pass through
-    out_b = {**b, **out_b, "last_grad": _copy(ops, b["last_grad"], g, inplace)}
-    return out_p, out_b
+    return out_p, {**b, **out_b, "last_grad": ops.copy(b["last_grad"], g, inplace=inplace)}
 
 
 def _initial_lr(lr: Any) -> float | torch.Tensor:
@@ -183,6 +164,7 @@ def mars(
     lr_init: float | None = None,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """MARS with the reference's keywords and defaults (AGI-Arena/MARS ``MARS``).
 
@@ -244,12 +226,14 @@ def mars(
         hyperparams=hyperparams,
         ranges=ranges,
         buffers=buffers,
-        kernel=partial(_mars_kernel, mars_type=mars_type, amsgrad=amsgrad, lr_init=lr_init),
-        measure=_mars_measure,
+        kernel=partial(_mars_kernel, mars_type=mars_type, amsgrad=amsgrad),
+        step_scalars=partial(_mars_scalars, lr_init=lr_init),
+        reductions={"mars": 1, "adamw": 0},
         leaf_kind=partial(_leaf_kind, optimize_1d=optimize_1d),
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         # the 1-D branch decays with weight_decay_1d whatever weight_decay is
         decay_hyperparams=("weight_decay", "weight_decay_1d"),
         options={**flags, "clip": clip, "lr_init": lr_init},
+        compile=compile,
     )

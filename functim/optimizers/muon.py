@@ -62,9 +62,11 @@ from ..hyperparams import (
     check_betas,
     check_option,
 )
-from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
 from ..linalg import NS5_COEFFICIENTS
+from ..listops import ListOps
+from ..numerics import ema, widen
 from ..rules import Rule, lm_routing
+from ..runtime import group_by_device_and_dtype, needs_per_tensor
 from ._routed import (
     MatrixDimsSpec,
     RoutedOptimizer,
@@ -134,13 +136,11 @@ class Muon(RoutedOptimizer):
                             new_p, new_bufs["momentum_buffer"], donate)
         a_idx = set(select(plans, p_leaves, g_leaves, lambda pl: pl.label == "adamw"))
         if a_idx:
-            ahp = self.adamw_hyperparams(hp)
-            host = self.adamw._host_hparams(ahp)
+            scalars, _ = self.adamw.step_scalars(self.adamw_hyperparams(hp), step, {})
             pa, na = self.adamw.step_leaves(
                 [p if i in a_idx else None for i, p in enumerate(p_leaves)], g_leaves,
-                {"exp_avg": bufs["exp_avg"], "exp_avg_sq": bufs["exp_avg_sq"]}, ahp, step,
-                [True] * len(p_leaves), donate=donate, host_hp=host,
-                fused=host is not None and self.adamw.fused is not False)
+                {"exp_avg": bufs["exp_avg"], "exp_avg_sq": bufs["exp_avg_sq"]}, scalars, step,
+                [True] * len(p_leaves), donate=donate)
             for i in a_idx:
                 new_p[i] = pa[i]
                 new_bufs["exp_avg"][i] = na["exp_avg"][i]
@@ -153,12 +153,11 @@ class Muon(RoutedOptimizer):
         ms = [mom[i] for i in idx]
         ops = ListOps(per_tensor=needs_per_tensor(ps, gs, scalars=list(hp.values())))
         lr, beta = hp["lr"], hp["momentum"]
-        shrink = 1 - lr * hp["weight_decay"]
         for _, (p, g, m), sub in by_buffer_dtype(group_by_device_and_dtype([ps, gs, ms])):
             work = m[0].dtype
-            g = [x if x.dtype == work else x.to(work) for x in g]
+            g = widen(g, work)
             if self.momentum_form == "ema":
-                m = ops.lerp(m, g, 1 - beta, inplace=donate)
+                m = ema(ops, m, g, beta, inplace=donate)
                 u = ops.lerp(g, m, beta) if self.nesterov else m
             else:
                 m = ops.add(ops.mul(m, beta, inplace=donate), g, inplace=True)
@@ -167,7 +166,7 @@ class Muon(RoutedOptimizer):
             scales = [shape_scale(self.scale_mode, pl.rows, pl.cols, self.consistent_rms)
                       for pl in pls]
             upd = orthogonalized_update(pls, u, scales, self.ns)
-            out = apply_update(ops, p, upd, lr, shrink, donate=donate, work_dtype=work)
+            out = apply_update(ops, p, upd, lr, hp["weight_decay"], donate=donate, work_dtype=work)
             for j, x, y in zip(sub, out, m):
                 new_p[idx[j]] = x
                 new_mom[idx[j]] = y

@@ -31,57 +31,42 @@ from typing import Any
 
 import torch
 
-from ..base import ElementwiseOptimizer
+from ..elementwise import ElementwiseOptimizer
 from ..hyperparams import BETA, NONNEGATIVE, ScalarOrSchedule, check_betas, check_hyperparam
-from .adamw import adam_denominator, adaptive_step, decoupled_decay, second_moment
+from ..numerics import adam_denominator, bias_correction, decoupled_decay, ema, ema_of_squares
 
 VARIANTS = ("optax", "torch", "timm")
 
 
-def _coefficients(hp, step, variant):
+def _nadamw_scalars(hp, step, scalar_state, *, variant):
+    """This step's coefficients ``a`` (of g) and ``b`` (of m), and ``sqrt(1 − β2^t)``; for
+    ``variant="torch"`` also the new running product Π_t (the scalar state)."""
     beta1 = hp["beta1"]
+    new_state = {}
     if variant == "torch":
-        return hp["nesterov_g"], hp["nesterov_m"]
-    a = (1 - beta1) / (1 - beta1**step)
-    if variant == "optax":
-        return a, beta1 / (1 - beta1 ** (step + 1))
-    return a, beta1 / (1 - beta1**step)
+        psi = hp["momentum_decay"]
+        mu = beta1 * (1 - 0.5 * 0.96 ** (step * psi))
+        mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi))
+        product = scalar_state["mu_product"] * mu
+        a, b = (1 - mu) / (1 - product), mu_next / (1 - product * mu_next)
+        new_state["mu_product"] = product
+    else:
+        a = (1 - beta1) / bias_correction(beta1, step)
+        b = beta1 / bias_correction(beta1, step + 1 if variant == "optax" else step)
+    scalars = {"grad_coef": a, "momentum_coef": b,
+               "sqrt_bias_correction2": torch.sqrt(bias_correction(hp["beta2"], step))}
+    return scalars, new_state
 
 
-def _torch_schedule(hp, step, scalars):
-    """torch NAdam's μ_t, μ_{t+1} and the running product Π_t (the scalar state)."""
-    beta1, psi = hp["beta1"], hp["momentum_decay"]
-    mu = beta1 * (1 - 0.5 * 0.96 ** (step * psi))
-    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi))
-    product = scalars["mu_product"] * mu
-    extra = {"nesterov_g": (1 - mu) / (1 - product),
-             "nesterov_m": mu_next / (1 - product * mu_next)}
-    return extra, {"mu_product": product}
-
-
-def _nadamw_kernel(ops, p, g, b, hp, step, *, decay, inplace, variant):
-    lr = hp["lr"]
-    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"], inplace=inplace)
-    v, new_b, denom = second_moment(ops, g, b, hp["beta2"], inplace=inplace)
-    denom, c = adam_denominator(ops, v, denom, hp, step)
-    coef_g, coef_m = _coefficients(hp, step, variant)
-    if ops.per_tensor:
-        numer = ops.add(ops.mul(m, coef_m), ops.mul(g, coef_g), inplace=True)
-        p = adaptive_step(ops, p, numer, denom, hp, -lr * c, decay=decay, inplace=inplace)
-        return p, {"exp_avg": m, **new_b}
-    # no temporary for a·g + b·m: two steps through the one denominator,
-    # p ← p·(1 − η·λ) + g/(denom/(−η·c·a)) + m/(denom/(−η·c·b))
-    p, inplace = decoupled_decay(ops, p, hp, decay=decay, inplace=inplace)
-    scale_g, scale_m = -lr * c * coef_g, -lr * c * coef_m
-    values_g, values_m = ops.host_values(scale_g, len(p)), ops.host_values(scale_m, len(p))
-    if values_g is not None and values_m is not None:  # (CPU scalars, eager: see adaptive_step)
-        p = ops.addcdiv(p, g, denom, value=values_g, inplace=inplace)
-        return ops.addcdiv(p, m, denom, value=values_m, inplace=True), {"exp_avg": m, **new_b}
-    denom = ops.div(denom, scale_g, inplace=True)
-    p = ops.addcdiv(p, g, denom, inplace=inplace)
-    denom = ops.mul(denom, coef_g / coef_m, inplace=True)
-    p = ops.addcdiv(p, m, denom, inplace=True)
-    return p, {"exp_avg": m, **new_b}
+def _nadamw_kernel(ops, p, g, b, s, *, decay, inplace):
+    m = ema(ops, b["exp_avg"], g, s["beta1"], inplace=inplace)
+    v = ema_of_squares(ops, b["exp_avg_sq"], g, s["beta2"], inplace=inplace)
+    denom = adam_denominator(ops, v, s["eps"], s["sqrt_bias_correction2"])
+    p = decoupled_decay(ops, p, s["lr"], s["weight_decay"], decay=decay, inplace=inplace)
+    # p − η·(a·g + b·m)/denom, as torch's NAdam: two steps through the one denominator
+    p = ops.addcdiv(p, g, denom, value=-s["lr"] * s["grad_coef"], inplace=inplace)
+    p = ops.addcdiv(p, m, denom, value=-s["lr"] * s["momentum_coef"], inplace=True)
+    return p, {"exp_avg": m, "exp_avg_sq": v}
 
 
 def nadamw(
@@ -94,6 +79,7 @@ def nadamw(
     momentum_decay: ScalarOrSchedule = 4e-3,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> ElementwiseOptimizer:
     """NAdamW; ``variant`` picks the form (see the module docstring); ``momentum_decay`` (ψ) is
     used by ``variant="torch"`` only."""
@@ -115,11 +101,11 @@ def nadamw(
         hyperparams=hyper,
         ranges=ranges,
         buffers=("exp_avg", "exp_avg_sq"),
-        kernel=partial(_nadamw_kernel, variant=variant),
+        kernel=_nadamw_kernel,
+        step_scalars=partial(_nadamw_scalars, variant=variant),
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
-        scalars={"mu_product": 1.0} if torch_form else None,
-        prepare=_torch_schedule if torch_form else None,
+        scalar_state={"mu_product": 1.0} if torch_form else None,
         options={"variant": variant},
-        tileable=True,
+        compile=compile,
     )

@@ -38,8 +38,9 @@ Choices against the reference:
   starts from), ``exp_avg_sq`` at zero; both are float32 for bfloat16/float16 params unless
   ``state_dtype`` says otherwise (the reference keeps them in the param dtype).
 - The per-step scalars are computed once per update (:func:`_schedule_free_scalars`); the
-  elementwise maths is one multi-tensor kernel (:func:`_schedule_free_adamw_kernel`). Both serve
-  the functional optimizer and the torch.optim adapter ``functim.adapters.ScheduleFreeAdamW``.
+  elementwise maths is one kernel (:func:`_schedule_free_adamw_kernel`) run by the elementwise
+  engine. Both serve the functional optimizer and the torch.optim adapter
+  ``functim.adapters.ScheduleFreeAdamW``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 
 from .. import _tree
-from ..base import ElementwiseOptimizer, Optimizer, State, check_state_keys
+from ..elementwise import ElementwiseOptimizer
 from ..hyperparams import (
     BETA,
     HPARAM_DTYPE,
@@ -58,13 +59,12 @@ from ..hyperparams import (
     NONNEGATIVE,
     ScalarOrSchedule,
     check_betas,
-    resolve_hyperparams,
 )
-from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
+from ..listops import ListOps
+from ..numerics import adam_denominator, bias_correction, ema_of_squares
+from ..runtime import group_by_device_and_dtype, needs_per_tensor
 
 NAME = "schedule_free_adamw"
-BUFFERS = ("z", "exp_avg_sq")
-SCALARS = ("lr_max", "weight_sum")
 LR_MAX_INIT = -1.0
 
 __all__ = [
@@ -76,46 +76,38 @@ __all__ = [
 
 
 # -- the maths ------------------------------------------------------------------------------------
-def _schedule_free_scalars(
-    hp: dict, step: torch.Tensor, lr_max: torch.Tensor, weight_sum: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-update scalars: ``(γ, c, new lr_max, new weight_sum)``, float64 0-d tensors.
+def _schedule_free_scalars(hp: dict, step: torch.Tensor, scalar_state: dict) -> tuple[dict, dict]:
+    """This update's scalars ``γ``, ``c`` and ``sqrt(1 − β2^(k+1))``, and the new ``lr_max`` and
+    ``weight_sum``: float64 0-d tensors. ``step`` = k+1 (this update's 1-based index).
 
-    ``step`` = updates completed before this one (``k``). Branches are ``torch.where`` with safe
-    denominators, so there is no host sync and gradients stay finite (e.g. d/d lr)."""
-    k = step.to(HPARAM_DTYPE)
-    kp1 = k + 1
+    Branches are ``torch.where`` with safe denominators, so there is no host sync and gradients
+    stay finite (e.g. d/d lr)."""
+    kp1 = step.to(HPARAM_DTYPE)
+    k = kp1 - 1
     warmup = hp["warmup_steps"]
     in_warmup = k < warmup
     sched = torch.where(in_warmup, kp1 / torch.where(in_warmup, warmup, 1.0), 1.0)
     gamma = hp["lr"] * sched
-    lr_max = torch.maximum(lr_max, gamma)
+    lr_max = torch.maximum(scalar_state["lr_max"], gamma)
     weight = kp1 ** hp["r"] * lr_max ** hp["weight_lr_power"]
-    weight_sum = weight_sum + weight
+    weight_sum = scalar_state["weight_sum"] + weight
     positive = weight_sum > 0
     ckp1 = torch.where(positive, weight / torch.where(positive, weight_sum, 1.0), 0.0)
-    return gamma, ckp1, lr_max, weight_sum
+    scalars = {"gamma": gamma, "ckp1": ckp1,
+               "sqrt_bias_correction2": torch.sqrt(bias_correction(hp["beta2"], step))}
+    return scalars, {"lr_max": lr_max, "weight_sum": weight_sum}
 
 
-def _schedule_free_adamw_kernel(ops, p, g, b, hp, step, *, decay, inplace):
-    """One update on lists of one (device, dtype) group. ``p`` holds y; ``hp`` carries the
-    resolved hyperparameters plus this update's ``gamma`` and ``ckp1`` (= c); ``step`` = k+1."""
-    beta1, beta2, gamma, ckp1 = hp["beta1"], hp["beta2"], hp["gamma"], hp["ckp1"]
-    # sqrt(v/bc2) + ε = (sqrt(v) + ε·c)/c with c = sqrt(bc2): the kernel computes d/c and
-    # folds c into the scales below (a pass fewer than dividing v by bc2)
-    c = torch.sqrt(1 - beta2**step)
-    # one temporary (g², then the denominator, then d/c), reused in place where
-    # ListOps.writes_out holds
-    t = ops.mul(g, g)
-    v = ops.lerp(b["exp_avg_sq"], t, 1 - beta2, inplace=inplace)
-    t = ops.sqrt(v, out=t)
-    t = ops.add(t, hp["eps"] * c, inplace=True)
-    d = ops.div(g, t, out=t)
+def _schedule_free_adamw_kernel(ops, p, g, b, s, *, decay, inplace):
+    """One update; ``p`` holds y, ``s["ckp1"]`` is c."""
+    v = ema_of_squares(ops, b["exp_avg_sq"], g, s["beta2"], inplace=inplace)
+    d = ops.div(g, adam_denominator(ops, v, s["eps"], s["sqrt_bias_correction2"]))
     if decay:  # d = g/denom + λ·y: weight decay evaluated at y (before y moves)
-        d = ops.add_scaled(d, p, hp["weight_decay"] / c, inplace=True)
+        d = ops.add_scaled(d, p, s["weight_decay"], inplace=True)
+    gamma, ckp1 = s["gamma"], s["ckp1"]
     y = ops.lerp(p, b["z"], ckp1, inplace=inplace)  # the old z
-    y = ops.add_scaled(y, d, gamma * c * (beta1 * (1 - ckp1) - 1), inplace=True)
-    z = ops.add_scaled(b["z"], d, -gamma * c, inplace=inplace)
+    y = ops.add_scaled(y, d, gamma * (s["beta1"] * (1 - ckp1) - 1), inplace=True)
+    z = ops.add_scaled(b["z"], d, -gamma, inplace=inplace)
     return y, {"z": z, "exp_avg_sq": v}
 
 
@@ -158,94 +150,25 @@ def _train_weight(beta1: Any) -> torch.Tensor:
 
 
 # -- the optimizer --------------------------------------------------------------------------------
-class ScheduleFreeOptimizer(Optimizer):
-    """The functional Schedule-Free AdamW (see :func:`schedule_free_adamw`).
+class ScheduleFreeOptimizer(ElementwiseOptimizer):
+    """The functional Schedule-Free AdamW (see :func:`schedule_free_adamw`): an elementwise
+    optimizer whose ``z`` starts as a copy of the params and whose scalar state (``lr_max``,
+    ``weight_sum``) belongs to the whole tree.
 
     State: ``{"step": int32 0-d, "hyperparams": {...}, "z": tree, "exp_avg_sq": tree,
-    "lr_max": float64 0-d, "weight_sum": float64 0-d}``. The elementwise part runs on
-    :class:`~functim.ElementwiseOptimizer`'s engine (grouping, mixed precision, donation, the
-    foreach / per-tensor choice); this class adds the per-optimizer scalars around it.
-    """
+    "lr_max": float64 0-d, "weight_sum": float64 0-d}``."""
 
-    name = NAME
+    # the averaging weights are the whole model's (the reference keeps them per param group)
+    scalar_state_per_param = False
 
     def __init__(self, hyperparams: dict, ranges: dict, *, state_dtype: torch.dtype | None,
                  weight_decay_mask: Any):
-        common = dict(hyperparams=hyperparams, ranges=ranges, state_dtype=state_dtype,
-                      weight_decay_mask=weight_decay_mask)
-        self._engine = ElementwiseOptimizer(NAME, buffers=BUFFERS,
-                                            kernel=_schedule_free_adamw_kernel, tileable=True,
-                                            **common)
-        # the same checks and leaves, without allocating a zero z that init_state would replace
-        self._init_engine = ElementwiseOptimizer(NAME, buffers=("exp_avg_sq",), kernel=None,
-                                                 **common)
-        self.hyperparams = self._engine.hyperparams
-        self.buffer_names = BUFFERS
-        self.state_dtype = state_dtype
-        self.weight_decay_mask = weight_decay_mask
-
-    def __repr__(self) -> str:
-        return repr(self._engine)
-
-    def hyperparam_ranges(self):
-        return self._engine.hyperparam_ranges()
-
-    def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
-        return self._engine.buffer_dtype(param_dtype)
-
-    # -- state ---------------------------------------------------------------------------
-    def init_state(self, params) -> State:
-        base = self._init_engine.init_state(params)  # validates leaves and state_dtype
-        device = base["step"].device
-
-        def z0(p):
-            z = torch.clone(p, memory_format=torch.preserve_format)
-            bdt = self.buffer_dtype(p.dtype)
-            return z if z.dtype == bdt else z.to(bdt)
-
-        return {
-            "step": base["step"],
-            HPARAMS_KEY: base[HPARAMS_KEY],
-            "z": _tree.map_tree(z0, params),
-            "exp_avg_sq": base["exp_avg_sq"],
-            "lr_max": torch.full((), LR_MAX_INIT, dtype=HPARAM_DTYPE, device=device),
-            "weight_sum": torch.zeros((), dtype=HPARAM_DTYPE, device=device),
-        }
-
-    def _check_state(self, params, p_leaves, state) -> dict[str, list]:
-        check_state_keys(NAME, state, ["step", HPARAMS_KEY, *BUFFERS, *SCALARS])
-        for k in SCALARS:
-            s = state[k]
-            if not isinstance(s, torch.Tensor) or s.ndim != 0 or not s.is_floating_point():
-                raise ValueError(f"{NAME}: state[{k!r}] must be a 0-d floating tensor, got "
-                                 f"{_tree.describe_leaf(s)}")
-        sub = {k: state[k] for k in ("step", HPARAMS_KEY, *BUFFERS)}
-        return self._engine._check_state(params, p_leaves, sub)
-
-    # -- update --------------------------------------------------------------------------
-    def validate(self, params, grads, state) -> None:
-        p_leaves, _, _ = _tree.check_grads(NAME, params, grads)
-        self._check_state(params, p_leaves, state)
-
-    def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(NAME, params, grads, donate=donate)
-        bufs = self._check_state(params, p_leaves, state)
-        step = state["step"]
-        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
-        gamma, ckp1, lr_max, weight_sum = _schedule_free_scalars(
-            hp, step, state["lr_max"], state["weight_sum"])
-        decay = self._engine._decay_flags(params, p_leaves, spec)
-        # λ on the host (where reading it is free) lets λ = 0 skip its pass over the params
-        host_wd = self._engine._host_hparams({"weight_decay": hp["weight_decay"]})
-        new_p, new_bufs = self._engine.step_leaves(
-            p_leaves, g_leaves, bufs, {**hp, "gamma": gamma, "ckp1": ckp1}, step + 1, decay,
-            donate=donate, host_hp=host_wd, fused=False)
-        new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
-        for b in BUFFERS:
-            new_state[b] = _tree.unflatten(spec, new_bufs[b])
-        new_state["lr_max"] = lr_max
-        new_state["weight_sum"] = weight_sum
-        return _tree.unflatten(spec, new_p), new_state
+        super().__init__(NAME, hyperparams=hyperparams, ranges=ranges,
+                         buffers={"z": "param", "exp_avg_sq": "zeros"},
+                         kernel=_schedule_free_adamw_kernel,
+                         step_scalars=_schedule_free_scalars,
+                         scalar_state={"lr_max": LR_MAX_INIT, "weight_sum": 0.0},
+                         state_dtype=state_dtype, weight_decay_mask=weight_decay_mask)
 
 
 def schedule_free_adamw(

@@ -49,9 +49,11 @@ from typing import Any
 import torch
 
 from ..hyperparams import NONNEGATIVE, UNIT, ScalarOrSchedule, check_option
-from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
 from ..linalg import NS5_COEFFICIENTS, from_matrix, to_matrix
+from ..listops import ListOps
+from ..numerics import widen
 from ..rules import Rule, lm_routing
+from ..runtime import group_by_device_and_dtype, needs_per_tensor
 from ._routed import (
     LeafRoute,
     MatrixDimsSpec,
@@ -195,7 +197,8 @@ class Scion(RoutedOptimizer):
         gs = [g_leaves[i] for i in idx]
         ops = ListOps(per_tensor=needs_per_tensor(ps, gs, scalars=list(hp.values())))
         lr = hp["lr"]
-        shrink = None if self.unconstrained else 1 - lr
+        # constrained Scion is decoupled weight decay with λ = 1
+        weight_decay = None if self.unconstrained else 1.0
         if self.stateful:
             ds = [bufs["momentum_buffer"][i] for i in idx]
             groups = by_buffer_dtype(group_by_device_and_dtype([ps, gs, ds]))
@@ -204,14 +207,14 @@ class Scion(RoutedOptimizer):
                       group_by_device_and_dtype([ps, gs]))
         for (_, pdtype), (p, g, d), sub in groups:
             work = d[0].dtype if d is not None else self.buffer_dtype(pdtype)
-            g = [x if x.dtype == work else x.to(work) for x in g]
-            if d is not None:
+            g = widen(g, work)
+            if d is not None:  # d ← (1−α)·d + α·g: a lerp by α itself (α = 1 − β)
                 d = ops.lerp(d, g, hp["momentum"], inplace=donate)
                 for j, x in zip(sub, d):
                     new_bufs["momentum_buffer"][idx[j]] = x
             direction = d if d is not None else g
             upd = self._lmos([plans[idx[j]] for j in sub], direction)
-            out = apply_update(ops, p, upd, lr, shrink, donate=donate, work_dtype=work)
+            out = apply_update(ops, p, upd, lr, weight_decay, donate=donate, work_dtype=work)
             for j, x in zip(sub, out):
                 new_p[idx[j]] = x
         return new_p, new_bufs

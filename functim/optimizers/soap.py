@@ -107,17 +107,6 @@ import optree
 import torch
 
 from .. import _tree
-from ..base import (
-    LOW_PRECISION,
-    Optimizer,
-    State,
-    buffer_leaves,
-    cached_decay_flags,
-    check_dtype_options,
-    check_param_leaves,
-    check_state_keys,
-    state_device,
-)
 from ..hyperparams import (
     BETA,
     HPARAMS_KEY,
@@ -130,9 +119,30 @@ from ..hyperparams import (
     init_hyperparams,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, has_dtensor, is_dtensor, needs_per_tensor
 from ..linalg.eigen import eigh_descending, gram, power_qr_refresh, project, project_back
 from ..linalg.shapes import soap_merge_shape
+from ..listops import ListOps
+from ..numerics import (
+    LOW_PRECISION,
+    adam_denominator,
+    bias_correction,
+    buffer_dtype,
+    decoupled_decay,
+    ema,
+    ema_of_squares,
+    precond_dtype,
+    widen,
+)
+from ..optimizer import Optimizer, State
+from ..runtime import has_dtensor, is_dtensor, needs_per_tensor
+from ..state import (
+    buffer_leaves,
+    cached_decay_flags,
+    check_dtype_options,
+    check_param_leaves,
+    check_state_keys,
+    state_device,
+)
 
 DATA_FORMATS = ("channels_first", "channels_last")
 NORMALIZE_EPS = 1e-30  # the reference's ``norm_grad / (1e-30 + RMS)``
@@ -240,14 +250,10 @@ class SoapOptimizer(Optimizer):
         return plan
 
     def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
-        if self.state_dtype is not None:
-            return self.state_dtype
-        return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+        return buffer_dtype(param_dtype, self.state_dtype)
 
     def preconditioner_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
-        if self.precond_dtype is not None:
-            return self.precond_dtype
-        return torch.float64 if param_dtype == torch.float64 else torch.float32
+        return precond_dtype(param_dtype, self.precond_dtype)
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self, params: Any) -> State:
@@ -458,10 +464,9 @@ class SoapOptimizer(Optimizer):
         lr = hp["lr"]
         beta1, beta2 = hp["beta1"], hp["beta2"]
         if self.correct_bias:
-            step_size = lr * torch.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            step_size = lr * torch.sqrt(bias_correction(beta2, t)) / bias_correction(beta1, t)
         else:
             step_size = lr
-        shrink = 1 - lr * hp["weight_decay"]
         n = len(lv.p)
         new_p, new_m, new_v = [None] * n, [None] * n, [None] * n
         # under torch.compile this runs inside torch.cond, whose functionalisation does not take
@@ -471,14 +476,14 @@ class SoapOptimizer(Optimizer):
         ops = ListOps(per_tensor=per_tensor)
         own = inplace and not per_tensor
         for idx in _buckets(lv):
-            m = ops.lerp([lv.m[i] for i in idx], [gp[i] for i in idx], 1 - beta1, inplace=own)
-            g2 = ops.mul([gp[i] for i in idx], [gp[i] for i in idx])
-            v = ops.lerp([lv.v[i] for i in idx], g2, 1 - beta2, inplace=own)
-            denom = ops.add(ops.sqrt(v), hp["eps"], inplace=True)
+            g = [gp[i] for i in idx]
+            m = ema(ops, [lv.m[i] for i in idx], g, beta1, inplace=own)
+            v = ema_of_squares(ops, [lv.v[i] for i in idx], g, beta2, inplace=own)
+            denom = adam_denominator(ops, v, hp["eps"])  # ε on the raw root
             upd = self._to_param_coords(ops, lv, idx, ops.div(m, denom))
-            pw = _step_params(ops, [lv.p[i] for i in idx], upd, step_size,
-                              shrink if lv.decay[idx[0]] else None, m[0].dtype,
-                              own=own, donate=inplace)
+            pw = _step_params(ops, [lv.p[i] for i in idx], upd, step_size, lr,
+                              hp["weight_decay"], m[0].dtype, decay=lv.decay[idx[0]], own=own,
+                              donate=inplace)
             for j, i in enumerate(idx):
                 new_p[i], new_m[i], new_v[i] = pw[j], m[j], v[j]
         return new_p, new_m, new_v
@@ -658,16 +663,16 @@ def _buckets(lv: _Leaves) -> list[list[int]]:
     return list(groups.values())
 
 
-def _step_params(ops: ListOps, p: list, upd: list, step_size, shrink, work: torch.dtype, *,
-                 own: bool, donate: bool) -> list:
-    """Step 4: ``p ← p − step_size·upd``, then ``p ← p·shrink`` (``shrink`` None: no decay),
-    computed in ``work`` and rounded into ``p`` once. ``upd`` is a temporary."""
+def _step_params(ops: ListOps, p: list, upd: list, step_size, lr, weight_decay,
+                 work: torch.dtype, *, decay: bool, own: bool, donate: bool) -> list:
+    """Step 4: ``p ← p − step_size·upd``, then ``p ← p·(1 − η·λ)`` where ``decay``, computed in
+    ``work`` and rounded into ``p`` once. ``upd`` is a temporary."""
     mixed = p[0].dtype != work
-    pw = [q.to(work) for q in p] if mixed else p
+    pw = widen(p, work)
     upd = ops.mul(upd, -step_size, inplace=True)
     pw = ops.add(pw, upd, inplace=own or mixed)
-    if shrink is not None:
-        pw = ops.mul(pw, shrink, inplace=True)  # pw is donated or new by now
+    # pw is donated or a new tensor here: decayed in place
+    pw = decoupled_decay(ops, pw, lr, weight_decay, decay=decay, inplace=True)
     if mixed:
         pw = ops.write_back(p, pw, donate=donate)
     return pw

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 
 from .. import _tree
-from ..base import ElementwiseOptimizer, State, check_state_keys, state_device
+from ..elementwise import ElementwiseOptimizer
 from ..hessian import check_key, rng_key
 from ..hyperparams import (
     BETA,
@@ -81,21 +81,24 @@ from ..hyperparams import (
     check_hyperparam,
     resolve_hyperparams,
 )
-from ..kernels import ListOps, group_by_device_and_dtype, needs_per_tensor
+from ..listops import ListOps
+from ..numerics import ema
+from ..optimizer import State
+from ..runtime import group_by_device_and_dtype, needs_per_tensor
+from ..state import check_state_keys, state_device
 from .lion import decay_then_step
 
 RNG_KEY = "rng"
 
 
-def _sophia_kernel(ops, p, g, b, hp, step, *, decay, inplace, maximize):
+def _sophia_kernel(ops, p, g, b, s, *, decay, inplace, maximize):
     if maximize:
         g = ops.neg(g)
-    m = ops.lerp(b["exp_avg"], g, 1 - hp["beta1"], inplace=inplace)
-    denom = ops.mul(b["hessian"], hp["rho"] * hp["bs"])
-    denom = ops.maximum(denom, [hp["eps"]] * len(denom), inplace=True)
-    u = ops.div(m, denom)
-    u = ops.clamp_min(ops.clamp_max(u, 1.0, inplace=True), -1.0, inplace=True)
-    p = decay_then_step(ops, p, u, hp, decay=decay, inplace=inplace)
+    m = ema(ops, b["exp_avg"], g, s["beta1"], inplace=inplace)
+    denom = ops.maximum(ops.mul(b["hessian"], s["rho"] * s["bs"]), s["eps"], inplace=True)
+    ratio = ops.clamp_min(ops.clamp_max(ops.div(m, denom), 1.0, inplace=True), -1.0,
+                          inplace=True)
+    p = decay_then_step(ops, p, ratio, s, decay=decay, inplace=inplace)
     return p, {"exp_avg": m, "hessian": b["hessian"]}
 
 
@@ -115,7 +118,7 @@ def hessian_ema(hessian: Sequence[torch.Tensor | None], estimate: Sequence[torch
     ops = ListOps(per_tensor=needs_per_tensor(hs, es, scalars=[beta2]))
     for (device, _), (h_sub, e_sub), sub_idx in group_by_device_and_dtype([hs, es]):
         b2 = beta2.to(device) if isinstance(beta2, torch.Tensor) else beta2
-        new = ops.lerp(h_sub, e_sub, 1 - b2, inplace=donate)
+        new = ema(ops, h_sub, e_sub, b2, inplace=donate)
         for j, t in zip(sub_idx, new):
             out[idx[j]] = t
     return out
@@ -138,12 +141,13 @@ class SophiaOptimizer(ElementwiseOptimizer):
         state[RNG_KEY] = rng_key(self.seed, device=state_device(leaves))
         return state
 
+    def state_keys(self) -> list[str]:
+        return [*super().state_keys(), RNG_KEY]
+
     def _check_state(self, params, p_leaves, state) -> dict[str, list]:
-        check_state_keys(self.name, state,
-                         ["step", HPARAMS_KEY, *self.scalars, *self.buffer_names, RNG_KEY])
+        bufs = super()._check_state(params, p_leaves, state)
         check_key(self.name, state[RNG_KEY], f"state[{RNG_KEY!r}]")
-        return super()._check_state(
-            params, p_leaves, {k: v for k, v in state.items() if k != RNG_KEY})
+        return bufs
 
     # -- Hessian EMA -----------------------------------------------------------------------
     def _check_estimate(self, state, estimate) -> tuple[list, list, Any]:
@@ -173,8 +177,7 @@ class SophiaOptimizer(ElementwiseOptimizer):
         """A new state with ``h ← β2·h + (1 − β2)·estimate`` (``estimate``: a tree like params,
         e.g. from :func:`functim.gnb_hessian`; ``None`` leaves keep their ``h``). Nothing else
         changes (not ``step``, not ``rng``). ``donate=True`` updates ``h`` in place."""
-        check_state_keys(self.name, state,
-                         ["step", HPARAMS_KEY, *self.scalars, *self.buffer_names, RNG_KEY])
+        check_state_keys(self.name, state, self.state_keys())
         h_leaves, e_leaves, spec = self._check_estimate(state, estimate)
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], state["step"])
         new_h = hessian_ema(h_leaves, e_leaves, hp["beta2"], donate=donate)
@@ -217,6 +220,7 @@ def sophia(
     maximize: bool = False,
     state_dtype: torch.dtype | None = None,
     weight_decay_mask: Any = None,
+    compile: bool = False,
 ) -> SophiaOptimizer:
     """SophiaG with the reference's defaults (lr 1e-4, betas (0.965, 0.99), rho 0.04,
     weight_decay 0.1), except ``bs = 1`` (module docstring: functim's estimators include the
@@ -245,6 +249,7 @@ def sophia(
         state_dtype=state_dtype,
         weight_decay_mask=weight_decay_mask,
         options={"maximize": maximize, "hessian_interval": hessian_interval, "seed": seed},
+        compile=compile,
         hessian_interval=hessian_interval,
         seed=seed,
     )

@@ -1,7 +1,7 @@
 """``functim-compare``: train a small GPT-style character-level language model with several
 optimizers, side by side, sweep their settings over several seeds, and report what each did.
 
-``python -m functim.compare`` (also the console script ``functim-compare``; needs the ``demo``
+``python -m functim_compare`` (also the console script ``functim-compare``; needs the ``demo``
 extra: ``pip install "functim[demo]"``). Runs with the same seed start from the same initial
 weights and see the same batches in the same order under the same learning-rate schedule; only
 the optimizer and its settings differ. A plain comparison prints one row per optimizer (final

@@ -221,7 +221,7 @@ def execute(study: Study, records: Sequence[RunRecord],
     """Train every unfinished run of ``records`` in order, writing each result as it finishes.
 
     ``progress(**tqdm_kwargs)`` makes progress bars (one for the study, one for the current run);
-    ``stop`` and :class:`~functim.compare.train.RunStopped` as in ``train_one``; ``say(line)``
+    ``stop`` and :class:`~functim_compare.train.RunStopped` as in ``train_one``; ``say(line)``
     reports each finished run."""
     todo = [r for r in records if r.result is None]
     finished = len(records) - len(todo)

@@ -1,4 +1,4 @@
-"""``python -m functim.compare``."""
+"""``python -m functim_compare``."""
 
 import sys
 
