@@ -2,7 +2,7 @@
 donate=True)`` on GPT-2-small shapes, with tiling on and off, alternating in one process.
 
 ``python benchmarks/tiling_ab.py [--rounds 8] [--only adamw,lion]``. Tiling off is the engine's
-own untiled path (``functim.base.tiling_applies`` answering False); everything else is equal:
+own untiled path (``functim.execution.tiling_applies`` answering False); everything else is equal:
 the same params, grads and state, one torch thread, rounds in alternating order. Prints, per
 optimizer, the median step time of each mode and tiled / untiled.
 """
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import case_shapes, make_optimizer  # noqa: E402
 
-import functim.base as base  # noqa: E402
+import functim.execution as execution  # noqa: E402
 
 ELEMENTWISE = ("adamw", "sgd-momentum", "nadamw", "nadamw-torch", "cautious-adamw",
                "cautious-lion", "lion", "signsgd", "signum", "mars", "sf-adamw")
@@ -39,17 +39,17 @@ def run(name: str, rounds: int) -> tuple[float, float]:
     grads = {k: torch.randn(s) * 1e-3 for k, s in shapes}
     opt = make_optimizer(name)
     state = opt.init_state(params)
-    original = base.tiling_applies
+    original = execution.tiling_applies
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
         for r in range(rounds + 1):
             for tiled in ((True, False) if r % 2 else (False, True)):
-                base.tiling_applies = original if tiled else (lambda *a, **k: False)
+                execution.tiling_applies = original if tiled else (lambda *a, **k: False)
                 t = _time_step(opt, params, grads, state)
                 if r:  # round 0 warms both paths up
                     times[tiled].append(t)
     finally:
-        base.tiling_applies = original
+        execution.tiling_applies = original
     return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
 
 

@@ -7,7 +7,7 @@ they take plain tensors:
   on the DTensors as is: each rank updates its shard; ``init_state`` makes the buffers with
   ``zeros_like``, so the state is sharded exactly like the params. Per-leaf reductions (MARS's
   clip norm, the cautious mask's count) are whole-tensor values, replicated on every rank
-  (:class:`functim.kernels.ListOps`);
+  (:class:`functim.listops.ListOps`);
 - **whole-matrix maths** (Muon's and Scion's Newton–Schulz, SOAP's projections, statistics and
   eigenbases, Kron's factor updates and preconditioning) goes through :func:`owner_compute`:
   each whole matrix is gathered on one *owner* rank, computed there once, and the result is

@@ -37,11 +37,14 @@ from .hyperparams import (
 from .numerics import buffer_dtype
 from .optimizer import Optimizer, PyTree, State
 from .state import (
+    MADE_BY_KEY,
     buffer_leaves,
     cached_decay_flags,
+    carry_made_by,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
+    made_by,
     state_device,
 )
 
@@ -64,6 +67,8 @@ class ElementwiseOptimizer(Optimizer):
     - ``reductions``: how many per-leaf reductions (``ops.norm``/``ops.sum``) the kernel takes
       before any element can step (Cautious's mask count, MARS's clip norm); a tiled step
       measures them first (:mod:`functim.tiling`); ``{kind: count}`` with ``leaf_kind``.
+    - ``tile``: whether a donated CPU step may run tile by tile (:mod:`functim.tiling`); a
+      kernel that makes no param-sized temporary gains nothing from it.
     - ``leaf_kind``: ``(param) -> key``, a static class of leaves the kernel treats differently
       (MARS's 2-D and other leaves): each kind is stepped apart, the kernel gets ``kind=key``.
     - ``fused``: None (default) runs torch's fused kernel where torch has one for this
@@ -94,6 +99,7 @@ class ElementwiseOptimizer(Optimizer):
         weight_decay_mask: Any = None,
         decay_hyperparams: Sequence[str] = ("weight_decay",),
         reductions: int | Mapping[Any, int] = 0,
+        tile: bool = True,
         leaf_kind: Callable | None = None,
         options: Mapping[str, Any] | None = None,
         fused: bool | None = None,
@@ -128,6 +134,7 @@ class ElementwiseOptimizer(Optimizer):
         self.weight_decay_mask = weight_decay_mask
         self.decay_hyperparams = tuple(decay_hyperparams)
         self.reductions = reductions
+        self.tile = tile
         self.leaf_kind = leaf_kind
         self.options = dict(options or {})
         self.fused = fused
@@ -161,14 +168,16 @@ class ElementwiseOptimizer(Optimizer):
             state[name] = torch.tensor(value, dtype=HPARAM_DTYPE, device=device)
         for b, init in self.buffer_inits.items():
             state[b] = _tree.map_tree(lambda p, init=init: self._new_buffer(init, p), params)
+        state[MADE_BY_KEY] = made_by(self.name)
         return state
 
     def state_keys(self) -> list[str]:
-        """The state's top-level keys."""
+        """The state's top-level keys (besides ``made_by``)."""
         return ["step", HPARAMS_KEY, *self.scalar_state, *self.buffer_names]
 
     def _check_state(self, params, p_leaves, state) -> dict[str, list]:
-        check_state_keys(self.name, state, self.state_keys(), hyperparams=self.hyperparams)
+        check_state_keys(self.name, state, self.state_keys(), hyperparams=self.hyperparams,
+                         identified=True)
         for k in self.scalar_state:
             s = state[k]
             if not isinstance(s, torch.Tensor) or s.ndim != 0 or not s.is_floating_point():
@@ -201,7 +210,7 @@ class ElementwiseOptimizer(Optimizer):
         new_state: State = {"step": step, HPARAMS_KEY: hp, **new_scalar_state}
         for b in self.buffer_names:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
-        return _tree.unflatten(spec, new_p), new_state
+        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
 
     def step_scalars(self, hp: Mapping[str, torch.Tensor], step: torch.Tensor,
                      scalar_state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:

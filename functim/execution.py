@@ -209,7 +209,7 @@ def _run_group(plan: _StepPlan, kind, p, g, b, step, device, work_dtype, decay, 
                                     donate=donate)
     reductions = (opt.reductions.get(kind, 0) if isinstance(opt.reductions, Mapping)
                   else opt.reductions)
-    if (donate and plan.host is not None
+    if (donate and opt.tile and plan.host is not None
             and tiling_applies(plan.per_tensor, [p, g, *b.values()], work_dtype, reductions)):
         return run_tiled(kernel, p, g, b, scalars, decay=decay, work_dtype=work_dtype,
                          reductions=reductions)

@@ -175,25 +175,27 @@ class ListOps:
         self.scratch = None if per_tensor else scratch
 
     # -- execution -----------------------------------------------------------------------
-    def _run(self, name: str, xs: TensorList, *args, inplace: bool = False) -> TensorList:
+    def _run(self, name: str, xs: TensorList, *args, inplace: bool = False,
+             **kwargs) -> TensorList:
         if not xs:
             return xs
         # a float64 0-d hyperparameter (or per-leaf scalar) must not promote a 0-d leaf
         dtype = xs[0].dtype
         args = tuple(_cast_scalars(a, dtype) for a in args)
         if self.per_tensor:
-            return [_per_tensor_call(name, x, _per_elem(args, i)) for i, x in enumerate(xs)]
+            return [_per_tensor_call(name, x, _per_elem(args, i), **kwargs)
+                    for i, x in enumerate(xs)]
         if xs[0].device.type == "cpu" and not is_dtensor(xs[0]):
             # one 0-d tensor for every leaf, as a list: torch's CPU _foreach_mul_(xs, tensor)
             # runs several times slower than _foreach_mul_(xs, [tensor, ...])
             args = tuple([a] * len(xs) if isinstance(a, torch.Tensor) else a for a in args)
         if inplace:
-            getattr(torch, f"_foreach_{name}_")(xs, *map(compiled_scalars, args))
+            getattr(torch, f"_foreach_{name}_")(xs, *map(compiled_scalars, args), **kwargs)
             return xs
         if self.scratch is not None and self.scratch.applies(xs):
             target = self.scratch.take(xs)
             for i, (x, o) in enumerate(zip(xs, target)):
-                _per_tensor_call(name, x, _per_elem(args, i), out=o)
+                _per_tensor_call(name, x, _per_elem(args, i), out=o, **kwargs)
             return target
         if name in _NO_DTENSOR_OUT_OF_PLACE and is_dtensor(xs[0]):
             # DTensor (torch 2.13) has a sharding strategy for _foreach_addcdiv_ but none for the
@@ -201,7 +203,8 @@ class ListOps:
             xs = [x.clone() for x in xs]
             getattr(torch, f"_foreach_{name}_")(xs, *args)
             return xs
-        return list(getattr(torch, f"_foreach_{name}")(xs, *map(compiled_scalars, args)))
+        return list(getattr(torch, f"_foreach_{name}")(xs, *map(compiled_scalars, args),
+                                                        **kwargs))
 
     def _on_host(self, scale, n: int) -> list[float] | None:
         """``scale`` (a float, a 0-d tensor or ``n`` per-leaf ones) as ``n`` Python floats
@@ -288,13 +291,17 @@ class ListOps:
     def add_scaled(self, xs: TensorList, ys: TensorList, scale, *,
                    inplace: bool = False) -> TensorList:
         """``x + y·scale`` in one pass (``scale``: a float, a 0-d tensor, or a list of per-leaf
-        0-d tensors), as ``addcmul``: rounded once (a fused multiply-add on CPU), so it can
+        0-d tensors), as ``addcmul``: rounded once (a fused multiply-add), so it can
         differ from ``add(x, mul(y, scale))`` by an ulp (not where ``y·scale`` is exact, e.g.
         ``y ∈ {−1, 0, 1}``). DTensors take ``add(x, mul(y, scale))``. ``ys`` is only read."""
         if not xs:
             return xs
         if is_dtensor(xs[0]):  # no sharding rule for addcmul with a plain 0-d tensor
             return self.add(xs, self.mul(ys, scale), inplace=inplace)
+        if isinstance(scale, (int, float)):
+            # torch's add(x, y, alpha=s) rounds x + s·y once too (bitwise addcmul: tested), and
+            # a float alpha costs no per-tensor scalar operand
+            return self._run("add", xs, ys, inplace=inplace, alpha=float(scale))
         if not isinstance(scale, list):
             scale = [_as_tensor(scale, xs[0])] * len(xs)
         return self._run("addcmul", xs, ys, scale, inplace=inplace)

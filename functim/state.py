@@ -52,19 +52,55 @@ def check_param_leaves(owner: str, params: PyTree,
     return leaves, spec
 
 
+# The key under which an optimizer's state records which optimizer made it, as
+# ``{"made_by": {name: {}}}``: an empty dict holds no tensor, so the state stays a tree of tensors
+# for vmap, torch.compile and checkpoints. A state without it (made before it existed) is
+# accepted on its keys alone.
+MADE_BY_KEY = "made_by"
+
+
+def made_by(name: str) -> dict:
+    """The ``state["made_by"]`` entry of a state made by the optimizer named ``name``."""
+    return {name: {}}
+
+
+def carry_made_by(old: Mapping, new: dict) -> dict:
+    """``new`` (the next state) with ``old``'s ``made_by`` entry, where it has one."""
+    if MADE_BY_KEY in old:
+        new[MADE_BY_KEY] = old[MADE_BY_KEY]
+    return new
+
+
+def _check_made_by(owner: str, state: Mapping) -> None:
+    marker = state[MADE_BY_KEY]
+    if isinstance(marker, Mapping) and list(marker) == [owner] and marker[owner] == {}:
+        return
+    maker = next(iter(marker)) if isinstance(marker, Mapping) and len(marker) == 1 else marker
+    raise ValueError(f"{owner}: this state was not made by {owner}.init_state but by "
+                     f"{maker!r}'s (states of optimizers with the same buffers are not "
+                     "interchangeable: their maths differ)")
+
+
 def check_state_keys(owner: str, state: Any, expected: Sequence[str],
-                     hyperparams: Sequence[str] | None = None) -> None:
+                     hyperparams: Sequence[str] | None = None, *,
+                     identified: bool = False) -> None:
     """The state's top-level keys are ``expected`` (and, when ``hyperparams`` is given,
-    ``state["hyperparams"]`` has exactly those names); raises naming what differs."""
+    ``state["hyperparams"]`` has exactly those names); raises naming what differs.
+    ``identified``: the state may also hold ``made_by`` (see :data:`MADE_BY_KEY`), which must
+    then name ``owner``."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{owner}: state must be a dict made by {owner}.init_state, got "
                         f"{type(state).__name__}")
     got, want = set(state), set(expected)
+    if identified:
+        got.discard(MADE_BY_KEY)
     if got != want:
         raise ValueError(
             f"{owner}: this state was not made by {owner}.init_state (or by another "
             f"configuration of it): expected keys {sorted(want)}, got {sorted(got)}"
         )
+    if identified and MADE_BY_KEY in state:
+        _check_made_by(owner, state)
     if hyperparams is not None:
         stored = state[HPARAMS_KEY]
         if not isinstance(stored, Mapping) or set(stored) != set(hyperparams):

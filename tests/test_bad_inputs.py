@@ -200,6 +200,52 @@ def test_sweep_functional_state_of_other_params(name):
                     r"'b'|'c'", (params, grads, other))
 
 
+# a state is refused by every other optimizer, even one with the same keys (AdamW, NAdamW and
+# Cautious AdamW keep step, hyperparams, exp_avg, exp_avg_sq); combinators name their child
+LEAF_OPTIMIZERS = [n for n in FUNCTIONAL if n not in ("chain", "skip_nonfinite", "partition")]
+
+
+@pytest.mark.parametrize("maker", LEAF_OPTIMIZERS)
+def test_sweep_functional_state_made_by_another_optimizer(maker):
+    _, params, grads, state = _functional_case(maker)
+    made_by = next(iter(state["made_by"]))
+    for name in LEAF_OPTIMIZERS:
+        opt = FUNCTIONAL[name]()
+        if opt.name == made_by:  # (the same optimizer with other settings)
+            continue
+        _assert_refused(lambda opt=opt: opt.update(params, grads, state, donate=True), ValueError,
+                        rf"but by '{made_by}'|expected keys|must have", (params, grads, state))
+
+
+@pytest.mark.parametrize("pair", [("adamw-foreach", "nadamw"),
+                                  ("adamw-foreach", "cautious_adamw"),
+                                  ("nadamw", "cautious_adamw")])
+def test_same_keys_other_optimizer_is_refused_naming_the_maker(pair):
+    maker, user = pair
+    _, params, grads, state = _functional_case(maker)
+    opt = FUNCTIONAL[user]()
+    _assert_refused(lambda: opt.update(params, grads, state), ValueError,
+                    rf"{opt.name}: this state was not made by {opt.name}.init_state but by "
+                    rf"'{FUNCTIONAL[maker]().name}'",
+                    (params, grads, state))
+
+
+def test_state_identity_is_kept_by_update_and_a_state_without_it_still_loads():
+    opt, params, grads, state = _functional_case("nadamw")
+    _, new = opt.update(params, grads, state)
+    assert new["made_by"] == {"nadamw": {}}
+    assert ft.set_hyperparams(new, lr=0.1)["made_by"] == {"nadamw": {}}
+    legacy = {k: v for k, v in state.items() if k != "made_by"}  # made before it existed
+    _, new = opt.update(params, grads, legacy)
+    assert "made_by" not in new  # (the state keeps its structure)
+    # the marker holds no tensor: vmap over stacked models (ft.ensemble) keeps it as it is
+    stacked = {"w": torch.ones(2, 3, 2)}
+    ens = ft.ensemble(opt)
+    ens_state = ens.init_state(stacked)
+    _, ens_state = ens.update(stacked, {"w": torch.ones(2, 3, 2)}, ens_state)
+    assert ens_state["made_by"] == {"nadamw": {}}
+
+
 @pytest.mark.parametrize("name", list(FUNCTIONAL))
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
 def test_sweep_functional_set_hyperparams_out_of_range(name, value):

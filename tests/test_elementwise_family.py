@@ -318,7 +318,8 @@ def test_state_layout_and_defaults():
     expected_buffers = {"lion": {"exp_avg"}, "signsgd": set(), "signum": {"momentum"}}
     for name, bufs in expected_buffers.items():
         state = getattr(ft, name)().init_state(params)
-        assert set(state) - {"step", "hyperparams"} == bufs, name
+        assert set(state) - {"step", "hyperparams", "made_by"} == bufs, name
+        assert state["made_by"] == {name: {}}
     hp = ft.get_hyperparams(ft.lion().init_state(params))
     assert {k: float(v) for k, v in hp.items()} == {
         "lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0}

@@ -2,7 +2,7 @@
 
 Part A: every bad call raises a clear error (naming the hyperparameter or the tree path) *before*
 anything is written, so params, grads and state are bitwise unchanged afterwards, in the pure mode
-and in ``donate=True`` mode (the contract in the ``functim.base`` module docstring).
+and in ``donate=True`` mode (the contract in the ``functim.optimizer`` module docstring).
 
 Part B: save -> load -> continue equals an uninterrupted run, bitwise, for the functional state
 (``torch.save``/``torch.load(weights_only=True)``: it is a plain nested dict of tensors) and for

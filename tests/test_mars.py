@@ -200,7 +200,7 @@ def test_state_is_complete_after_init(kw, buffers):
     p = mixed_params(torch.Generator().manual_seed(0), torch.bfloat16)
     p["x"] = torch.ones(2, 2)
     state = mars(**kw).init_state(p)
-    assert set(state) == {"step", "hyperparams"} | buffers
+    assert set(state) == {"step", "hyperparams", "made_by"} | buffers
     assert state["step"].dtype == torch.int32 and int(state["step"]) == 0
     assert set(state["hyperparams"]) == {"lr", "beta1", "beta2", "eps", "weight_decay", "gamma",
                                          "lr_1d", "beta1_1d", "beta2_1d", "weight_decay_1d"}

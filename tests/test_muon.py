@@ -291,7 +291,7 @@ def test_scion_without_momentum_has_no_state_and_uses_the_gradient():
     params, grads = _random({"h.w": (6, 4), "h.b": (4,)}, 1, 3)
     opt = ft.scion(lr=0.1, unconstrained=True)
     state = opt.init_state(params)
-    assert set(state) == {"step", "hyperparams"}
+    assert set(state) == {"step", "hyperparams", "made_by"}
     out, _ = opt.update(params, grads[0], state)
     g = grads[0]["h.b"]
     torch.testing.assert_close(out["h.b"], params["h.b"] - 0.1 * g / (g.pow(2).mean().sqrt()

@@ -307,7 +307,8 @@ def test_state_layout_and_low_precision_params():
     params = {"w": torch.randn(3, 2, dtype=torch.bfloat16), "b": torch.randn(2), "n": None}
     opt = schedule_free_adamw()
     state = opt.init_state(params)
-    assert set(state) == {"step", "hyperparams", "z", "exp_avg_sq", "lr_max", "weight_sum"}
+    assert set(state) == {"step", "hyperparams", "z", "exp_avg_sq", "lr_max", "weight_sum",
+                          "made_by"}
     assert set(state["hyperparams"]) == {"lr", "beta1", "beta2", "eps", "weight_decay",
                                          "warmup_steps", "r", "weight_lr_power"}
     assert state["z"]["w"].dtype == torch.float32 and state["z"]["n"] is None

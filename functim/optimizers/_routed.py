@@ -30,9 +30,12 @@ from ..optimizer import Optimizer, State
 from ..rules import Explanation, Rule, explain, rule_labels
 from ..runtime import has_dtensor
 from ..state import (
+    MADE_BY_KEY,
     buffer_leaves,
+    carry_made_by,
     check_dtype_options,
     check_state_keys,
+    made_by,
     state_device,
 )
 
@@ -168,11 +171,12 @@ class RoutedOptimizer(Optimizer, abc.ABC):
                                  memory_format=torch.preserve_format)
                 if x is not None and pl.label in owners else None
                 for x, pl in zip(leaves, plans)])
+        state[MADE_BY_KEY] = made_by(self.name)
         return state
 
     def _check_state(self, params, p_leaves, plans, state) -> dict[str, list]:
         check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffers],
-                         hyperparams=self.hyperparams)
+                         hyperparams=self.hyperparams, identified=True)
         bufs = {}
         for b, owners in self.buffers.items():
             leaves = buffer_leaves(self.name, params, state[b], b)
@@ -207,7 +211,7 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
         for b in self.buffers:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
-        return _tree.unflatten(spec, new_p), new_state
+        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
 
     @abc.abstractmethod
     def step_leaves(self, p_leaves: list, g_leaves: list, bufs: dict[str, list],

@@ -117,10 +117,13 @@ from ..numerics import bias_correction, buffer_dtype, decoupled_decay, ema, prec
 from ..optimizer import Optimizer
 from ..runtime import group_by_device_and_dtype, has_dtensor, is_dtensor, needs_per_tensor
 from ..state import (
+    MADE_BY_KEY,
     buffer_leaves,
+    carry_made_by,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
+    made_by,
     state_device,
 )
 
@@ -332,11 +335,12 @@ class Kron(Optimizer):
                 lambda p: torch.zeros_like(p, dtype=self.momentum_dtype(p.dtype),
                                            memory_format=torch.contiguous_format), params),
             "Q": _tree.map_tree(self._init_factors, params),
+            MADE_BY_KEY: made_by(self.name),
         }
 
     def _check_state(self, params, p_leaves, state) -> tuple[list, list]:
         check_state_keys(self.name, state, ["step", HPARAMS_KEY, *_HOST_COUNTERS, "rng",
-                                            "momentum_buffer", "Q"])
+                                            "momentum_buffer", "Q"], identified=True)
         stored = state[HPARAMS_KEY]
         if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
             got = sorted(stored) if isinstance(stored, Mapping) else stored
@@ -451,7 +455,7 @@ class Kron(Optimizer):
             "momentum_buffer": _tree.unflatten(spec, new_m),
             "Q": _tree.unflatten(spec, new_q),
         }
-        return _tree.unflatten(spec, new_p), new_state
+        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
 
     def _step(self, ops, ps, gs, ms, qs, hp, step, gen, *, do_update, balance, first, donate):
         new_m, m_hat = self._momentum(ops, ps, gs, ms, hp["b1"], step, donate=donate)

@@ -40,12 +40,15 @@ def _sgd_kernel(ops, p, g, b, s, *, decay, inplace, has_momentum, nesterov, maxi
         g = ops.neg(g)
     if decay:
         g = ops.add_scaled(g, p, s["weight_decay"])
-    new_b = {}
-    if has_momentum:
-        buf = ops.mul(b["momentum_buffer"], s["momentum"], inplace=inplace)
-        buf = new_b["momentum_buffer"] = ops.add_scaled(buf, g, s["grad_weight"], inplace=True)
-        g = ops.add_scaled(g, buf, s["momentum"]) if nesterov else buf
-    return ops.add_scaled(p, g, -s["lr"], inplace=inplace), new_b
+    if not has_momentum:
+        return ops.add_scaled(p, g, -s["lr"], inplace=inplace), {}
+    buf = ops.mul(b["momentum_buffer"], s["momentum"], inplace=inplace)
+    buf = ops.add_scaled(buf, g, s["grad_weight"], inplace=True)
+    if not nesterov:
+        return ops.add_scaled(p, buf, -s["lr"], inplace=inplace), {"momentum_buffer": buf}
+    # p − η·(g + μ·buf) as two steps, p − η·g − η·μ·buf: no param-sized temporary
+    p = ops.add_scaled(p, g, -s["lr"], inplace=inplace)
+    return ops.add_scaled(p, buf, -s["lr"] * s["momentum"], inplace=True), {"momentum_buffer": buf}
 
 
 def sgd(
@@ -85,5 +88,7 @@ def sgd(
         weight_decay_mask=weight_decay_mask,
         fused=fused,
         options={"nesterov": nesterov, "maximize": maximize},
+        # (the kernel makes no param-sized temporary, so tiling would only add overhead)
+        tile=False,
         compile=compile,
     )

@@ -136,11 +136,14 @@ from ..numerics import (
 from ..optimizer import Optimizer, State
 from ..runtime import has_dtensor, is_dtensor, needs_per_tensor
 from ..state import (
+    MADE_BY_KEY,
     buffer_leaves,
     cached_decay_flags,
+    carry_made_by,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
+    made_by,
     state_device,
 )
 
@@ -278,10 +281,11 @@ class SoapOptimizer(Optimizer):
                                  params),
             # the identity: a leaf whose first gradient is None keeps Adam's coordinates
             "Q": _tree.map_tree(lambda x: mats(x, torch.eye), params),
+            MADE_BY_KEY: made_by(self.name),
         }
 
     def _check_state(self, params, p_leaves, spec, state) -> dict[str, list]:
-        check_state_keys(self.name, state, STATE_KEYS)
+        check_state_keys(self.name, state, STATE_KEYS, identified=True)
         stored = state[HPARAMS_KEY]
         if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
             got = sorted(stored) if isinstance(stored, Mapping) else stored
@@ -391,7 +395,7 @@ class SoapOptimizer(Optimizer):
             "GG": _tree.unflatten(spec, new_b["GG"]),
             "Q": _tree.unflatten(spec, new_b["Q"]),
         }
-        return _tree.unflatten(spec, new_p), new_state
+        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
 
     # -- the two kinds of call -----------------------------------------------------------
     def _beta_shampoo(self, hp):

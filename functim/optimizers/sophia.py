@@ -177,7 +177,7 @@ class SophiaOptimizer(ElementwiseOptimizer):
         """A new state with ``h ← β2·h + (1 − β2)·estimate`` (``estimate``: a tree like params,
         e.g. from :func:`functim.gnb_hessian`; ``None`` leaves keep their ``h``). Nothing else
         changes (not ``step``, not ``rng``). ``donate=True`` updates ``h`` in place."""
-        check_state_keys(self.name, state, self.state_keys())
+        check_state_keys(self.name, state, self.state_keys(), identified=True)
         h_leaves, e_leaves, spec = self._check_estimate(state, estimate)
         hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], state["step"])
         new_h = hessian_ema(h_leaves, e_leaves, hp["beta2"], donate=donate)
