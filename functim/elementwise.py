@@ -13,9 +13,8 @@ scalars to floats or 0-d tensors; ``decay`` says whether weight decay applies to
 kernel executes (torch's fused kernel, compiled, tiled, foreach, per tensor) is chosen by
 :mod:`functim.execution`; the kernel never knows.
 
-The update skeleton is the same for every optimizer: flatten and check params, grads and state
-(nothing is written before every check passed) → resolve hyperparameters (schedules at this
-step) → this step's scalars → step the leaves → rebuild the trees.
+The update is :class:`~functim.optimizer.TreeOptimizer`'s skeleton; the elementwise step computes
+this step's scalars, then steps the leaves.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import optree
 import torch
 
 from . import _tree, execution
@@ -32,15 +32,13 @@ from .hyperparams import (
     Range,
     check_hyperparam,
     init_hyperparams,
-    resolve_hyperparams,
 )
 from .numerics import buffer_dtype
-from .optimizer import Optimizer, PyTree, State
+from .optimizer import PyTree, State, TreeOptimizer
 from .state import (
     MADE_BY_KEY,
     buffer_leaves,
     cached_decay_flags,
-    carry_made_by,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
@@ -52,7 +50,7 @@ from .state import (
 BUFFER_INITS = ("zeros", "param")
 
 
-class ElementwiseOptimizer(Optimizer):
+class ElementwiseOptimizer(TreeOptimizer):
     """An optimizer whose maths is one elementwise kernel over lists of leaves (see the module
     docstring for the kernel's signature).
 
@@ -175,7 +173,9 @@ class ElementwiseOptimizer(Optimizer):
         """The state's top-level keys (besides ``made_by``)."""
         return ["step", HPARAMS_KEY, *self.scalar_state, *self.buffer_names]
 
-    def _check_state(self, params, p_leaves, state) -> dict[str, list]:
+    def check_state(self, params: PyTree, p_leaves: list, spec: optree.PyTreeSpec,
+                    state: State) -> dict[str, list]:
+        """The buffers' leaves, ``{name: leaves}``, after checking the state."""
         check_state_keys(self.name, state, self.state_keys(), hyperparams=self.hyperparams,
                          identified=True)
         for k in self.scalar_state:
@@ -193,24 +193,21 @@ class ElementwiseOptimizer(Optimizer):
         return bufs
 
     # -- update --------------------------------------------------------------------------
-    def validate(self, params, grads, state) -> None:
-        p_leaves, _, _ = _tree.check_grads(self.name, params, grads)
-        self._check_state(params, p_leaves, state)
-
-    def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
-        bufs = self._check_state(params, p_leaves, state)
+    def step_tree(self, params: PyTree, p_leaves: list, g_leaves: list,
+                  spec: optree.PyTreeSpec, checked: dict[str, list], hp: dict[str, torch.Tensor],
+                  state: State, *, donate: bool, **extra: Any) -> tuple[list, State]:
+        """This step's scalars (:meth:`step_scalars`), then :meth:`step_leaves`; ``checked``
+        holds the buffers' leaves."""
         step = state["step"] + 1
-        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], state["step"])
         scalars, new_scalar_state = self.step_scalars(
             hp, step, {k: state[k] for k in self.scalar_state})
         decay = self.decay_flags(params, p_leaves, spec)
-        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, scalars, step, decay,
+        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, checked, scalars, step, decay,
                                            donate=donate)
         new_state: State = {"step": step, HPARAMS_KEY: hp, **new_scalar_state}
         for b in self.buffer_names:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
-        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
+        return new_p, new_state
 
     def step_scalars(self, hp: Mapping[str, torch.Tensor], step: torch.Tensor,
                      scalar_state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:

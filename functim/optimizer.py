@@ -1,4 +1,5 @@
-"""The core contract: ``Optimizer`` (a pair of pure functions) and the elementwise-optimizer engine.
+"""The core contract: ``Optimizer`` (a pair of pure functions) and ``TreeOptimizer``, the one
+update skeleton of the library's optimizer families.
 
 ``update(params, grads, state, *, donate=False, **extra) -> (params, state)``:
 
@@ -20,9 +21,13 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
+import optree
+import torch
+
 from . import _tree
-from .hyperparams import Range
+from .hyperparams import HPARAMS_KEY, Range, resolve_hyperparams
 from .schedules import Schedule
+from .state import carry_made_by
 
 PyTree = Any
 State = dict
@@ -70,6 +75,57 @@ class Optimizer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
+
+
+class TreeOptimizer(Optimizer):
+    """An optimizer over a params tree whose ``update`` is one skeleton: flatten and check params
+    and grads → check the state (:meth:`check_state`; nothing is written before every check
+    passed) → resolve the hyperparameters (schedules at this step) → step the leaves
+    (:meth:`step_tree`) → rebuild the trees.
+
+    Subclasses keep their hyperparameter specs in ``hyperparams`` and the stored values in
+    ``state["hyperparams"]`` next to the int32 ``state["step"]`` (completed updates). With
+    ``traceable = False`` the whole ``update`` runs eagerly inside a ``torch.compile``d caller.
+    """
+
+    hyperparams: dict[str, Any]
+    traceable: bool = True
+
+    @abc.abstractmethod
+    def check_state(self, params: PyTree, p_leaves: list, spec: optree.PyTreeSpec,
+                    state: State) -> Any:
+        """Raise ValueError/TypeError if ``state`` does not fit ``params``; modifies nothing.
+        Returns what :meth:`step_tree` needs (e.g. the buffers' leaves)."""
+
+    @abc.abstractmethod
+    def step_tree(self, params: PyTree, p_leaves: list, g_leaves: list, spec: optree.PyTreeSpec,
+                  checked: Any, hp: dict[str, torch.Tensor], state: State, *, donate: bool,
+                  **extra: Any) -> tuple[list, State]:
+        """One update on the flat leaves (``checked``: from :meth:`check_state`; ``hp``: this
+        step's hyperparameters). Returns (new param leaves, new state without ``made_by``)."""
+
+    def validate(self, params: PyTree, grads: PyTree, state: State) -> None:
+        p_leaves, _, spec = _tree.check_grads(self.name, params, grads)
+        self.check_state(params, p_leaves, spec, state)
+
+    def update(
+        self, params: PyTree, grads: PyTree, state: State, *, donate: bool = False, **extra: Any
+    ) -> tuple[PyTree, State]:
+        run = _update_tree if self.traceable else _update_tree_eagerly
+        return run(self, params, grads, state, donate=donate, **extra)
+
+
+def _update_tree(opt: TreeOptimizer, params: PyTree, grads: PyTree, state: State, *,
+                 donate: bool, **extra: Any) -> tuple[PyTree, State]:
+    p_leaves, g_leaves, spec = _tree.check_grads(opt.name, params, grads, donate=donate)
+    checked = opt.check_state(params, p_leaves, spec, state)
+    hp = resolve_hyperparams(opt.hyperparams, state[HPARAMS_KEY], state["step"])
+    new_p, new_state = opt.step_tree(params, p_leaves, g_leaves, spec, checked, hp, state,
+                                     donate=donate, **extra)
+    return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
+
+
+_update_tree_eagerly = torch.compiler.disable(_update_tree)
 
 
 class _FunctionPair(Optimizer):

@@ -69,6 +69,11 @@ def _rank_main(rank: int, world: int, init_file: str, tmp: str, fn: Callable[...
         if completed:
             dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
+    # done and checked: leave without the interpreter's teardown, where gloo's background
+    # threads sometimes abort the process (std::terminate, no Python frame) after the work
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _logs(tmp: str, world: int) -> str:

@@ -544,6 +544,11 @@ def _rank_main(rank: int, backend: str, world: int, init_file: str, fn, args) ->
         dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # done and checked: leave without the interpreter's teardown, where gloo's background
+    # threads sometimes abort the process (std::terminate, no Python frame) after the work
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_on_ranks(fn, args: tuple, backend: str, tmp: pathlib.Path, *, world: int = 2,

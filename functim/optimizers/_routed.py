@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import optree
 import torch
 
 from .. import _tree
@@ -21,18 +22,16 @@ from ..hyperparams import (
     Range,
     check_hyperparam,
     init_hyperparams,
-    resolve_hyperparams,
 )
 from ..linalg import MatrixDims, from_matrix, matrix_shape, orthogonalize_many, to_matrix
 from ..listops import ListOps, Scalar
 from ..numerics import buffer_dtype, decoupled_decay, widen
-from ..optimizer import Optimizer, State
+from ..optimizer import State, TreeOptimizer
 from ..rules import Explanation, Rule, explain, rule_labels
 from ..runtime import has_dtensor
 from ..state import (
     MADE_BY_KEY,
     buffer_leaves,
-    carry_made_by,
     check_dtype_options,
     check_state_keys,
     made_by,
@@ -85,7 +84,7 @@ def matrix_dims_for(owner: str, spec: MatrixDimsSpec, path: str, leaf: torch.Ten
     return dims
 
 
-class RoutedOptimizer(Optimizer, abc.ABC):
+class RoutedOptimizer(TreeOptimizer):
     """Routes leaves to labels by ordered rules (or an exclusive ``{label: selector}`` map).
 
     Subclasses set ``name``, ``labels`` (allowed label names), ``matrix_labels`` (labels whose
@@ -174,7 +173,10 @@ class RoutedOptimizer(Optimizer, abc.ABC):
         state[MADE_BY_KEY] = made_by(self.name)
         return state
 
-    def _check_state(self, params, p_leaves, plans, state) -> dict[str, list]:
+    def check_state(self, params: Any, p_leaves: list, spec: optree.PyTreeSpec, state: State
+                    ) -> tuple[list[LeafRoute], dict[str, list]]:
+        """(the leaves' plans, the buffers' leaves) after checking the routing and the state."""
+        plans = self.plan(params)
         check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffers],
                          hyperparams=self.hyperparams, identified=True)
         bufs = {}
@@ -190,28 +192,25 @@ class RoutedOptimizer(Optimizer, abc.ABC):
                                      f"{_tree.describe_leaf(s)}, expected None (a "
                                      f"{pl.label!r} parameter has no {b!r})")
             bufs[b] = leaves
-        return bufs
-
-    # -- update --------------------------------------------------------------------------
-    def validate(self, params, grads, state) -> None:
-        p_leaves, _, _ = _tree.check_grads(self.name, params, grads)
-        self._check_state(params, p_leaves, self.plan(params), state)
+        return plans, bufs
 
     def hyperparam_ranges(self) -> dict[str, Range]:
         return dict(self.ranges)
 
-    def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
-        plans = self.plan(params)
-        bufs = self._check_state(params, p_leaves, plans, state)
-        step = state["step"]
-        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
-        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, plans, hp, step + 1,
+    # -- update --------------------------------------------------------------------------
+    def step_tree(self, params: Any, p_leaves: list, g_leaves: list, spec: optree.PyTreeSpec,
+                  checked: tuple[list[LeafRoute], dict[str, list]],
+                  hp: dict[str, torch.Tensor], state: State, *, donate: bool, **extra: Any
+                  ) -> tuple[list, State]:
+        """:meth:`step_leaves` on the routed leaves; ``checked`` from :meth:`check_state`."""
+        plans, bufs = checked
+        step = state["step"] + 1
+        new_p, new_bufs = self.step_leaves(p_leaves, g_leaves, bufs, plans, hp, step,
                                            donate=donate)
-        new_state: State = {"step": step + 1, HPARAMS_KEY: hp}
+        new_state: State = {"step": step, HPARAMS_KEY: hp}
         for b in self.buffers:
             new_state[b] = _tree.unflatten(spec, new_bufs[b])
-        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
+        return new_p, new_state
 
     @abc.abstractmethod
     def step_leaves(self, p_leaves: list, g_leaves: list, bufs: dict[str, list],

@@ -84,9 +84,9 @@ every rank. The result equals the unsharded optimizer's (``tests/test_distribute
 Not traceable: ``torch.func.vmap`` and ``torch.compile`` cannot trace this update, because
 whether the (expensive) preconditioner update runs is host control flow on the counters, and the
 probes come from a ``torch.Generator`` (random ops are refused under vmap's default
-``randomness="error"``). ``update`` is marked ``torch.compiler.disable``: inside a compiled
-function it runs eagerly (``fullgraph=True`` reports it). ``torch.func.grad`` through ``update``
-works (e.g. d(params)/d(lr)).
+``randomness="error"``). ``update`` is ``torch.compiler.disable``d (``Kron.traceable`` is False):
+inside a compiled function it runs eagerly (``fullgraph=True`` reports it). ``torch.func.grad``
+through ``update`` works (e.g. d(params)/d(lr)).
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from .. import _tree
@@ -108,18 +109,16 @@ from ..hyperparams import (
     ScalarOrSchedule,
     check_hyperparam,
     init_hyperparams,
-    resolve_hyperparams,
 )
 from ..linalg.shapes import kron_merge_shape
 from ..linalg.triangular import balance_factors, kron_precondition, update_factors
 from ..listops import ListOps, read_on_host
 from ..numerics import bias_correction, buffer_dtype, decoupled_decay, ema, precond_dtype, widen
-from ..optimizer import Optimizer
+from ..optimizer import TreeOptimizer
 from ..runtime import group_by_device_and_dtype, has_dtensor, is_dtensor, needs_per_tensor
 from ..state import (
     MADE_BY_KEY,
     buffer_leaves,
-    carry_made_by,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
@@ -221,10 +220,11 @@ def diagonal_dims(shape: Sequence[int], max_size_triangular: int, min_ndim_trian
                  for size, f in zip(shape, flags))
 
 
-class Kron(Optimizer):
+class Kron(TreeOptimizer):
     """PSGD Kron (kron_torch); see the module docstring. Build it with :func:`kron`."""
 
     name = "kron"
+    traceable = False  # host control flow on the counters, probes from a torch.Generator
 
     def __init__(self, *, lr, b1, weight_decay, precond_lr, preconditioner_update_probability,
                  max_size_triangular, min_ndim_triangular, memory_save_mode,
@@ -338,7 +338,9 @@ class Kron(Optimizer):
             MADE_BY_KEY: made_by(self.name),
         }
 
-    def _check_state(self, params, p_leaves, state) -> tuple[list, list]:
+    def check_state(self, params: Any, p_leaves: list, spec: optree.PyTreeSpec, state: dict
+                    ) -> tuple[list, list, tuple[int, int, int, torch.Tensor]]:
+        """(momentum leaves, factor leaves, :meth:`_host_counters`) after checking the state."""
         check_state_keys(self.name, state, ["step", HPARAMS_KEY, *_HOST_COUNTERS, "rng",
                                             "momentum_buffer", "Q"], identified=True)
         stored = state[HPARAMS_KEY]
@@ -374,7 +376,7 @@ class Kron(Optimizer):
                                  f"{len(want)} factors on {p.device} of shapes {want} (merged "
                                  f"shape {plan.merged_shape}), got {got}; was the state made by "
                                  "another configuration?")
-        return m_leaves, q_leaves
+        return m_leaves, q_leaves, self._host_counters(state)
 
     def _tree_leaves(self, params, sub, key) -> list:
         try:
@@ -383,11 +385,6 @@ class Kron(Optimizer):
         except (ValueError, TypeError):
             raise ValueError(f"{self.name}: state[{key!r}] must have the same tree structure as "
                              "params (was the state made for other params?)") from None
-
-    def validate(self, params, grads, state) -> None:
-        p_leaves, _, _ = _tree.check_grads(self.name, params, grads)
-        self._check_state(params, p_leaves, state)
-        self._host_counters(state)
 
     # -- host-side decisions -------------------------------------------------------------------
     def _host_counters(self, state) -> tuple[int, int, int, torch.Tensor]:
@@ -418,11 +415,13 @@ class Kron(Optimizer):
                          f"state for {device} or the CPU")
 
     # -- update --------------------------------------------------------------------------------
-    @torch.compiler.disable
-    def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
-        m_leaves, q_leaves = self._check_state(params, p_leaves, state)
-        n, counter, n_updates, rng = self._host_counters(state)
+    def step_tree(self, params: Any, p_leaves: list, g_leaves: list, spec: optree.PyTreeSpec,
+                  checked: tuple[list, list, tuple[int, int, int, torch.Tensor]],
+                  hp: dict[str, torch.Tensor], state: dict, *, donate: bool, **extra: Any
+                  ) -> tuple[list, dict]:
+        """The host-side decisions (preconditioner update, balancing) from the CPU counters,
+        then :meth:`_step` on the non-empty leaves that have a gradient."""
+        m_leaves, q_leaves, (n, counter, n_updates, rng) = checked
         do_update, new_counter = update_decision(self.update_probability, n, counter)
         balance = (do_update and self.balance_every > 0
                    and (n_updates + 1) % self.balance_every == 0)
@@ -430,7 +429,6 @@ class Kron(Optimizer):
         gen = self._generator(rng, device) if do_update else None
 
         step = state["step"] + 1
-        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], state["step"])
         active = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
                   if p is not None and g is not None and p.numel() > 0]
         new_p, new_m, new_q = list(p_leaves), list(m_leaves), list(q_leaves)
@@ -455,7 +453,7 @@ class Kron(Optimizer):
             "momentum_buffer": _tree.unflatten(spec, new_m),
             "Q": _tree.unflatten(spec, new_q),
         }
-        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
+        return new_p, new_state
 
     def _step(self, ops, ps, gs, ms, qs, hp, step, gen, *, do_update, balance, first, donate):
         new_m, m_hat = self._momentum(ops, ps, gs, ms, hp["b1"], step, donate=donate)

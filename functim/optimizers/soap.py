@@ -117,7 +117,6 @@ from ..hyperparams import (
     check_betas,
     check_hyperparam,
     init_hyperparams,
-    resolve_hyperparams,
 )
 from ..linalg.eigen import eigh_descending, gram, power_qr_refresh, project, project_back
 from ..linalg.shapes import soap_merge_shape
@@ -133,13 +132,12 @@ from ..numerics import (
     precond_dtype,
     widen,
 )
-from ..optimizer import Optimizer, State
+from ..optimizer import State, TreeOptimizer
 from ..runtime import has_dtensor, is_dtensor, needs_per_tensor
 from ..state import (
     MADE_BY_KEY,
     buffer_leaves,
     cached_decay_flags,
-    carry_made_by,
     check_dtype_options,
     check_param_leaves,
     check_state_keys,
@@ -191,7 +189,7 @@ class SoapLeafLayout:
         return [next(it) if on else None for on in self.precond]
 
 
-class SoapOptimizer(Optimizer):
+class SoapOptimizer(TreeOptimizer):
     """SOAP; see :mod:`functim.optimizers.soap`. Build with :func:`functim.soap`."""
 
     name = "soap"
@@ -284,7 +282,9 @@ class SoapOptimizer(Optimizer):
             MADE_BY_KEY: made_by(self.name),
         }
 
-    def _check_state(self, params, p_leaves, spec, state) -> dict[str, list]:
+    def check_state(self, params: Any, p_leaves: list, spec: optree.PyTreeSpec,
+                    state: State) -> dict[str, list]:
+        """The buffers' leaves, ``{name: leaves}``, after checking the state."""
         check_state_keys(self.name, state, STATE_KEYS, identified=True)
         stored = state[HPARAMS_KEY]
         if not isinstance(stored, Mapping) or set(stored) != set(self.hyperparams):
@@ -333,29 +333,46 @@ class SoapOptimizer(Optimizer):
             bufs[b] = [list(s) if s is not None else None for s in leaves]
         return bufs
 
-    def validate(self, params, grads, state) -> None:
-        p_leaves, _, spec = _tree.check_grads(self.name, params, grads)
-        self._check_state(params, p_leaves, spec, state)
-
     def _decay_flags(self, params, p_leaves, spec) -> list[bool]:
         return cached_decay_flags(self._mask_cache, self.weight_decay_mask, params, p_leaves,
                                   spec)
 
     # -- update --------------------------------------------------------------------------
-    def update(self, params, grads, state, *, donate: bool = False, **extra):
-        p_leaves, g_leaves, spec = _tree.check_grads(self.name, params, grads, donate=donate)
-        bufs = self._check_state(params, p_leaves, spec, state)
+    def step_tree(self, params: Any, p_leaves: list, g_leaves: list, spec: optree.PyTreeSpec,
+                  checked: dict[str, list], hp: dict[str, torch.Tensor], state: State, *,
+                  donate: bool, **extra: Any) -> tuple[list, State]:
+        """The first call or a real update (decided from the CPU call counter, or traced; see
+        the module docstring) on the leaves that have a gradient."""
         step, calls = state["step"], state["calls"]
-        hp = resolve_hyperparams(self.hyperparams, state[HPARAMS_KEY], step)
         decay = self._decay_flags(params, p_leaves, spec)
         active = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
                   if p is not None and g is not None]
         leaves = _Leaves(
             plans=[self.leaf_plan(p_leaves[i].shape) for i in active],
             p=[p_leaves[i] for i in active], g=[g_leaves[i] for i in active],
-            m=[bufs["exp_avg"][i] for i in active], v=[bufs["exp_avg_sq"][i] for i in active],
-            GG=[bufs["GG"][i] for i in active], Q=[bufs["Q"][i] for i in active],
+            m=[checked["exp_avg"][i] for i in active],
+            v=[checked["exp_avg_sq"][i] for i in active],
+            GG=[checked["GG"][i] for i in active], Q=[checked["Q"][i] for i in active],
             decay=[decay[i] for i in active])
+        out, new_step = self._step_active_leaves(leaves, hp, step, calls, donate=donate)
+        new_p, new_b = list(p_leaves), {b: list(v) for b, v in checked.items()}
+        for j, i in enumerate(active):
+            new_p[i] = out[0][j]
+            for k, b in enumerate(BUFFERS):
+                new_b[b][i] = out[1 + k][j]
+        new_state: State = {
+            "step": new_step, "calls": calls + 1, HPARAMS_KEY: hp,
+            "exp_avg": _tree.unflatten(spec, new_b["exp_avg"]),
+            "exp_avg_sq": _tree.unflatten(spec, new_b["exp_avg_sq"]),
+            "GG": _tree.unflatten(spec, new_b["GG"]),
+            "Q": _tree.unflatten(spec, new_b["Q"]),
+        }
+        return new_p, new_state
+
+    def _step_active_leaves(self, leaves: _Leaves, hp, step: torch.Tensor, calls: torch.Tensor,
+                            *, donate: bool) -> tuple[tuple, torch.Tensor]:
+        """(the new leaves: params, exp_avg, exp_avg_sq, GG, Q; the new ``step``) of this
+        call, in eager, ``torch.cond`` (compiled) or ``torch.where`` (batched) mode."""
         if torch.compiler.is_compiling():
             mode = "cond"
         elif _is_functorch_wrapped(calls):
@@ -368,34 +385,16 @@ class SoapOptimizer(Optimizer):
             raise TypeError("soap: DTensor parameters or gradients (sharded training) are taken "
                             "in eager mode only, not under torch.compile or torch.func "
                             "transforms")
-        if mode == "eager":
-            c = int(calls)  # a CPU tensor: a memory read, not a device sync
-            if has_dtensor(leaves.p) or has_dtensor(leaves.g):
-                out = self._sharded_call(leaves, hp, t, inplace, first=c == 0,
-                                         refresh=c % self.precondition_frequency == 0)
-                new_step = step if c == 0 else t
-            elif c == 0:
-                out = self._first_call(leaves, hp, inplace)
-                new_step = step
-            else:
-                out = self._real_step(leaves, hp, t, inplace, c % self.precondition_frequency
-                                      == 0)
-                new_step = t
-        else:
-            out, new_step = self._traced_call(leaves, hp, step, calls, mode)
-        new_p, new_b = list(p_leaves), {b: list(v) for b, v in bufs.items()}
-        for j, i in enumerate(active):
-            new_p[i] = out[0][j]
-            for k, b in enumerate(BUFFERS):
-                new_b[b][i] = out[1 + k][j]
-        new_state: State = {
-            "step": new_step, "calls": calls + 1, HPARAMS_KEY: hp,
-            "exp_avg": _tree.unflatten(spec, new_b["exp_avg"]),
-            "exp_avg_sq": _tree.unflatten(spec, new_b["exp_avg_sq"]),
-            "GG": _tree.unflatten(spec, new_b["GG"]),
-            "Q": _tree.unflatten(spec, new_b["Q"]),
-        }
-        return _tree.unflatten(spec, new_p), carry_made_by(state, new_state)
+        if mode != "eager":
+            return self._traced_call(leaves, hp, step, calls, mode)
+        c = int(calls)  # a CPU tensor: a memory read, not a device sync
+        if has_dtensor(leaves.p) or has_dtensor(leaves.g):
+            out = self._sharded_call(leaves, hp, t, inplace, first=c == 0,
+                                     refresh=c % self.precondition_frequency == 0)
+            return out, (step if c == 0 else t)
+        if c == 0:
+            return self._first_call(leaves, hp, inplace), step
+        return self._real_step(leaves, hp, t, inplace, c % self.precondition_frequency == 0), t
 
     # -- the two kinds of call -----------------------------------------------------------
     def _beta_shampoo(self, hp):

@@ -66,6 +66,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import optree
 import torch
 
 from .. import _tree
@@ -144,8 +145,9 @@ class SophiaOptimizer(ElementwiseOptimizer):
     def state_keys(self) -> list[str]:
         return [*super().state_keys(), RNG_KEY]
 
-    def _check_state(self, params, p_leaves, state) -> dict[str, list]:
-        bufs = super()._check_state(params, p_leaves, state)
+    def check_state(self, params: Any, p_leaves: list, spec: optree.PyTreeSpec,
+                    state: State) -> dict[str, list]:
+        bufs = super().check_state(params, p_leaves, spec, state)
         check_key(self.name, state[RNG_KEY], f"state[{RNG_KEY!r}]")
         return bufs
 
@@ -194,8 +196,8 @@ class SophiaOptimizer(ElementwiseOptimizer):
         return n > 0 and n % self.hessian_interval == 0
 
     # -- update ----------------------------------------------------------------------------
-    def update(self, params, grads, state, *, donate: bool = False, hessian: Any = None,
-               **extra):
+    def update(self, params: Any, grads: Any, state: State, *, donate: bool = False,
+               hessian: Any = None, **extra: Any) -> tuple[Any, State]:
         """One Sophia step; with ``hessian=`` (a tree like params) the Hessian EMA is applied
         first (the reference's order: see the module docstring)."""
         if hessian is not None:
