@@ -269,24 +269,27 @@ class ListOps:
         compiled) it scales ``b`` first, ``x + a/(b/value)`` (the capturable form), and per
         tensor the step is scaled explicitly, ``x + (a/b)·value``, so that d/d(value) stays
         finite at value = 0. The three round differently (a few ulps)."""
-        if self.per_tensor and isinstance(value, torch.Tensor | list):
-            return self.add(xs, self.mul(self.div(a, b), value), inplace=inplace)
-        values = self._on_host(value, len(xs))
-        if values is not None:
-            scale = () if all(v == 1.0 for v in values) else (values,)
-            return self._run("addcdiv", xs, a, b, *scale, inplace=inplace)
-        return self._run("addcdiv", xs, a, self.div(b, value), inplace=inplace)
+        return self._add_product("addcdiv", xs, a, b, value, inplace)
 
     def addcmul(self, xs: TensorList, a: TensorList, b: TensorList, *, value=1.0,
                 inplace: bool = False) -> TensorList:
         """``x + value·a·b`` (``value`` as for :meth:`addcdiv`)."""
+        return self._add_product("addcmul", xs, a, b, value, inplace)
+
+    def _add_product(self, name: str, xs, a, b, value, inplace: bool) -> TensorList:
+        """``x + value·(a/b)`` (``addcdiv``) or ``x + value·a·b`` (``addcmul``), ``value`` on
+        the host where it can be read there (see :meth:`addcdiv`)."""
+        divide = name == "addcdiv"
         if self.per_tensor and isinstance(value, torch.Tensor | list):
-            return self.add(xs, self.mul(self.mul(a, b), value), inplace=inplace)
+            product = self.div(a, b) if divide else self.mul(a, b)
+            return self.add(xs, self.mul(product, value), inplace=inplace)
         values = self._on_host(value, len(xs))
         if values is not None:
             scale = () if all(v == 1.0 for v in values) else (values,)
-            return self._run("addcmul", xs, a, b, *scale, inplace=inplace)
-        return self._run("addcmul", xs, self.mul(a, value), b, inplace=inplace)
+            return self._run(name, xs, a, b, *scale, inplace=inplace)
+        if divide:
+            return self._run(name, xs, a, self.div(b, value), inplace=inplace)
+        return self._run(name, xs, self.mul(a, value), b, inplace=inplace)
 
     def add_scaled(self, xs: TensorList, ys: TensorList, scale, *,
                    inplace: bool = False) -> TensorList:

@@ -169,19 +169,6 @@ def _run(name, dtype, donate, seed=0, steps=3):
     return params, state
 
 
-def _run(name, dtype, donate, seed=0, steps=3):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {"w": (6, 5), "b": (5,), "c": (2, 3, 2), "s": ()}
-    params = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
-    grads = [{k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
-             for _ in range(steps)]
-    opt = OPTIMIZERS[name]()
-    state = opt.init_state(params)
-    for g in grads:
-        params, state = opt.update(params, g, state, donate=donate)
-    return params, state
-
-
 # -- the step's scale: a CPU scalar rides in the addcdiv; elsewhere it scales the divisor -----
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("name", ["adamw", "nadamw", "nadamw_timm_beta1_0", "cautious_adamw",
