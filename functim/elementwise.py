@@ -27,7 +27,6 @@ import torch
 
 from . import _tree, execution
 from .hyperparams import (
-    HPARAM_DTYPE,
     HPARAMS_KEY,
     Range,
     check_hyperparam,
@@ -36,18 +35,19 @@ from .hyperparams import (
 from .numerics import buffer_dtype
 from .optimizer import PyTree, State, TreeOptimizer
 from .state import (
+    BUFFER_INITS,
     MADE_BY_KEY,
-    buffer_leaves,
+    Buffer,
+    StateSpec,
     cached_decay_flags,
     check_dtype_options,
     check_param_leaves,
+    check_state_entries,
     check_state_keys,
+    init_state_entries,
     made_by,
     state_device,
 )
-
-# how a buffer starts: zeros, or a copy of its param (Schedule-Free's z)
-BUFFER_INITS = ("zeros", "param")
 
 
 class ElementwiseOptimizer(TreeOptimizer):
@@ -137,6 +137,8 @@ class ElementwiseOptimizer(TreeOptimizer):
         self.options = dict(options or {})
         self.fused = fused
         self.compile = compile
+        self.state_spec = StateSpec(buffers={b: Buffer(init) for b, init in inits.items()},
+                                    scalars=self.scalar_state)
         self._mask_cache: dict = {}
 
     def __repr__(self) -> str:
@@ -147,13 +149,6 @@ class ElementwiseOptimizer(TreeOptimizer):
     def buffer_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
         return buffer_dtype(param_dtype, self.state_dtype)
 
-    def _new_buffer(self, init: str, p: torch.Tensor) -> torch.Tensor:
-        dtype = self.buffer_dtype(p.dtype)
-        if init == "param":
-            b = torch.clone(p, memory_format=torch.preserve_format)
-            return b if b.dtype == dtype else b.to(dtype)
-        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-
     def init_state(self, params: PyTree) -> State:
         leaves, _ = check_param_leaves(self.name, params,
                                        self.state_dtype if self.buffer_names else None)
@@ -162,10 +157,8 @@ class ElementwiseOptimizer(TreeOptimizer):
             "step": torch.zeros((), dtype=torch.int32, device=device),
             HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
         }
-        for name, value in self.scalar_state.items():
-            state[name] = torch.tensor(value, dtype=HPARAM_DTYPE, device=device)
-        for b, init in self.buffer_inits.items():
-            state[b] = _tree.map_tree(lambda p, init=init: self._new_buffer(init, p), params)
+        state.update(init_state_entries(self.state_spec, params, device,
+                                        dtype=self.buffer_dtype))
         state[MADE_BY_KEY] = made_by(self.name)
         return state
 
@@ -178,19 +171,7 @@ class ElementwiseOptimizer(TreeOptimizer):
         """The buffers' leaves, ``{name: leaves}``, after checking the state."""
         check_state_keys(self.name, state, self.state_keys(), hyperparams=self.hyperparams,
                          identified=True)
-        for k in self.scalar_state:
-            s = state[k]
-            if not isinstance(s, torch.Tensor) or s.ndim != 0 or not s.is_floating_point():
-                raise ValueError(f"{self.name}: state[{k!r}] must be a 0-d floating tensor, "
-                                 f"got {_tree.describe_leaf(s)}")
-        bufs = {}
-        for b in self.buffer_names:
-            leaves = buffer_leaves(self.name, params, state[b], b)
-            for i, (p, s) in enumerate(zip(p_leaves, leaves)):
-                if p is not None:
-                    _tree.check_like_param(self.name, f"state[{b!r}]", params, i, p, s)
-            bufs[b] = leaves
-        return bufs
+        return check_state_entries(self.name, self.state_spec, params, p_leaves, state)
 
     # -- update --------------------------------------------------------------------------
     def step_tree(self, params: PyTree, p_leaves: list, g_leaves: list,

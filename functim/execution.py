@@ -122,9 +122,10 @@ class _StepPlan:
         # everything read on the host at once (CPU state, eager): kernels then get floats
         self.host = None if per_tensor or opt.compile else _host_dict(scalars)
         known = host_hp if host_hp is not None else self.host
-        self.fused = (known if fused is not False and opt.name in TORCH_FUSED
-                      and known is not None and not per_tensor
-                      and not torch.compiler.is_compiling() else None)
+        # the hyperparameters torch's fused kernel takes (floats), where it may run
+        self.fused_hp = (known if fused is not False and opt.name in TORCH_FUSED
+                         and known is not None and not per_tensor
+                         and not torch.compiler.is_compiling() else None)
         # a weight decay known to be exactly 0 skips its pass over the params
         self.no_decay = known is not None and bool(opt.decay_hyperparams) and all(
             known.get(k, 1.0) == 0.0 for k in opt.decay_hyperparams)
@@ -197,11 +198,11 @@ def step_leaves(opt: ElementwiseOptimizer, p_leaves: list, g_leaves: list,
 def _run_group(plan: _StepPlan, kind, p, g, b, step, device, work_dtype, decay, donate):
     opt = plan.opt
     kernel = opt.kernel if kind is None else partial(opt.kernel, kind=kind)
-    if plan.fused is not None:
+    if plan.fused_hp is not None:
         run, applies = TORCH_FUSED[opt.name]
-        if (device.type in ("cpu", "cuda") and applies(opt, plan.fused, p)
+        if (device.type in ("cpu", "cuda") and applies(opt, plan.fused_hp, p)
                 and fused_layout_applies([p, g, *b.values()])):
-            return _run_fused(run, opt, p, g, b, plan.fused, step.to(device), work_dtype,
+            return _run_fused(run, opt, p, g, b, plan.fused_hp, step.to(device), work_dtype,
                               decay, donate)
     scalars = plan.scalars_on(device)
     if opt.compile and not torch.compiler.is_compiling() and not plan.per_tensor:

@@ -1,16 +1,20 @@
 """The state's description and its checks, shared by every family of optimizers: where the
 scalar state lives, which param leaves are accepted, the state's keys, buffers shaped like the
-params, and weight-decay flags. Every check runs before anything is written."""
+params, and weight-decay flags. Every check runs before anything is written.
+
+:class:`StateSpec` declares a family's per-parameter buffers, scalar state and host counters;
+:func:`init_state_entries` builds those entries and :func:`check_state_entries` checks them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import _tree
-from .hyperparams import HPARAMS_KEY
+from .hyperparams import HPARAM_DTYPE, HPARAMS_KEY
 
 PyTree = Any
 
@@ -141,3 +145,122 @@ def decay_flags(mask: Any, params: PyTree, leaves: list, spec) -> list[bool]:
     _, flags, _ = _tree.check_same_structure(params, mask, ref_name="params",
                                              other_name="weight_decay_mask")
     return [bool(f) for f in flags]
+
+
+# how a buffer starts: zeros, or a copy of its param (Schedule-Free's z)
+BUFFER_INITS = ("zeros", "param")
+COUNTER_DTYPE = torch.int64
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A per-parameter buffer: how it starts (``"zeros"`` or ``"param"``, a copy of the param)
+    and the route labels that own it (None: every param; a leaf of another label holds None)."""
+
+    init: str = "zeros"
+    owners: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.init not in BUFFER_INITS:
+            raise ValueError(f"buffer init must be one of {BUFFER_INITS}, got {self.init!r}")
+        if self.owners is not None:
+            object.__setattr__(self, "owners", tuple(self.owners))
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The declared part of an optimizer's state, entries in this order:
+
+    - ``scalars``: ``{name: initial float}``, float64 0-d tensors with the scalar state;
+    - ``counters``: ``{name: initial int}``, int64 0-d tensors on the CPU, read on the host;
+      with ``counters_on_cpu`` (why they are read there) a state must keep them on the CPU;
+    - ``buffers``: ``{name: Buffer}``, trees shaped like the params, created in
+      ``memory_format``.
+    """
+
+    buffers: Mapping[str, Buffer] = field(default_factory=dict)
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)
+    memory_format: torch.memory_format = torch.preserve_format
+    counters_on_cpu: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("buffers", "scalars", "counters"):
+            object.__setattr__(self, name, dict(getattr(self, name)))
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The entries' keys: scalars, counters, buffers."""
+        return (*self.scalars, *self.counters, *self.buffers)
+
+
+def _new_buffer(buf: Buffer, p: torch.Tensor, dtype: torch.dtype,
+                memory_format: torch.memory_format) -> torch.Tensor:
+    if buf.init == "param":
+        b = torch.clone(p, memory_format=memory_format)
+        return b if b.dtype == dtype else b.to(dtype)
+    # zeros_like: a DTensor param (an FSDP2 shard) gets a DTensor buffer
+    return torch.zeros_like(p, dtype=dtype, memory_format=memory_format)
+
+
+def init_state_entries(spec: StateSpec, params: PyTree, device: torch.device, *,
+                       dtype: Callable[[torch.dtype], torch.dtype],
+                       labels: Sequence[str | None] | None = None) -> dict[str, Any]:
+    """The entries ``spec`` declares for ``params``, in :attr:`StateSpec.keys` order: scalars
+    on ``device``, counters on the CPU, buffers of dtype ``dtype(param dtype)`` (``None`` where
+    ``labels[i]``, leaf ``i``'s route label, does not own the buffer)."""
+    entries: dict[str, Any] = {
+        k: torch.tensor(v, dtype=HPARAM_DTYPE, device=device) for k, v in spec.scalars.items()}
+    for k, v in spec.counters.items():
+        entries[k] = torch.tensor(v, dtype=COUNTER_DTYPE)
+    leaves, tree = _tree.flatten(params)
+    for name, buf in spec.buffers.items():
+        entries[name] = _tree.unflatten(tree, [
+            None if x is None or (buf.owners is not None and labels[i] not in buf.owners)
+            else _new_buffer(buf, x, dtype(x.dtype), spec.memory_format)
+            for i, x in enumerate(leaves)])
+    return entries
+
+
+def _check_counter(owner: str, spec: StateSpec, name: str, v: Any) -> None:
+    ok = isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()
+    if spec.counters_on_cpu is None:
+        if not ok:
+            raise ValueError(f"{owner}: state[{name!r}] must be a 0-d integer tensor, got "
+                             f"{_tree.describe_leaf(v)}")
+    elif not (ok and v.device.type == "cpu"):
+        raise ValueError(
+            f"{owner}: state[{name!r}] must be a 0-d integer tensor on the CPU "
+            f"({spec.counters_on_cpu}), got {_tree.describe_leaf(v)}"
+            + (f" on {v.device}" if isinstance(v, torch.Tensor) else ""))
+
+
+def check_state_entries(owner: str, spec: StateSpec, params: PyTree, p_leaves: list,
+                        state: Mapping, *, labels: Sequence[str | None] | None = None
+                        ) -> dict[str, list]:
+    """The buffers' leaves, ``{name: leaves}``, after checking the entries ``spec`` declares
+    (the keys are :func:`check_state_keys`'s): scalars are 0-d floating tensors, counters 0-d
+    integer tensors, buffers shaped like the params (None for a leaf whose label in
+    ``labels`` does not own them)."""
+    for k in spec.scalars:
+        s = state[k]
+        if not isinstance(s, torch.Tensor) or s.ndim != 0 or not s.is_floating_point():
+            raise ValueError(f"{owner}: state[{k!r}] must be a 0-d floating tensor, "
+                             f"got {_tree.describe_leaf(s)}")
+    for k in spec.counters:
+        _check_counter(owner, spec, k, state[k])
+    bufs = {}
+    for b, buf in spec.buffers.items():
+        leaves = buffer_leaves(owner, params, state[b], b)
+        for i, (p, s) in enumerate(zip(p_leaves, leaves)):
+            if p is None:
+                continue
+            if buf.owners is None or labels[i] in buf.owners:
+                _tree.check_like_param(owner, f"state[{b!r}]", params, i, p, s)
+            elif s is not None:
+                raise ValueError(f"{owner}: state[{b!r}] at "
+                                 f"{_tree.leaf_paths_on_error(params, i)!r} is "
+                                 f"{_tree.describe_leaf(s)}, expected None (a "
+                                 f"{labels[i]!r} parameter has no {b!r})")
+        bufs[b] = leaves
+    return bufs

@@ -31,9 +31,12 @@ from ..rules import Explanation, Rule, explain, rule_labels
 from ..runtime import has_dtensor
 from ..state import (
     MADE_BY_KEY,
-    buffer_leaves,
+    Buffer,
+    StateSpec,
     check_dtype_options,
+    check_state_entries,
     check_state_keys,
+    init_state_entries,
     made_by,
     state_device,
 )
@@ -114,6 +117,8 @@ class RoutedOptimizer(TreeOptimizer):
         self.hyperparams = dict(hyperparams)
         self.ranges = dict(ranges)
         self.buffers = {b: tuple(labs) for b, labs in buffers.items()}
+        self.state_spec = StateSpec(
+            buffers={b: Buffer(owners=labs) for b, labs in self.buffers.items()})
         self.matrix_dims = matrix_dims
         self.state_dtype = state_dtype
         self._plans: dict = {}
@@ -159,17 +164,13 @@ class RoutedOptimizer(TreeOptimizer):
 
     def init_state(self, params: Any) -> State:
         plans = self.plan(params)
-        leaves, spec = _tree.flatten(params)
+        device = state_device(_tree.flatten(params)[0])
         state: State = {
-            "step": torch.zeros((), dtype=torch.int32, device=state_device(leaves)),
-            HPARAMS_KEY: init_hyperparams(self.hyperparams, state_device(leaves)),
+            "step": torch.zeros((), dtype=torch.int32, device=device),
+            HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
+            **init_state_entries(self.state_spec, params, device, dtype=self.buffer_dtype,
+                                 labels=[pl.label for pl in plans]),
         }
-        for b, owners in self.buffers.items():
-            state[b] = _tree.unflatten(spec, [
-                torch.zeros_like(x, dtype=self.buffer_dtype(x.dtype),
-                                 memory_format=torch.preserve_format)
-                if x is not None and pl.label in owners else None
-                for x, pl in zip(leaves, plans)])
         state[MADE_BY_KEY] = made_by(self.name)
         return state
 
@@ -179,19 +180,8 @@ class RoutedOptimizer(TreeOptimizer):
         plans = self.plan(params)
         check_state_keys(self.name, state, ["step", HPARAMS_KEY, *self.buffers],
                          hyperparams=self.hyperparams, identified=True)
-        bufs = {}
-        for b, owners in self.buffers.items():
-            leaves = buffer_leaves(self.name, params, state[b], b)
-            for i, (p, s, pl) in enumerate(zip(p_leaves, leaves, plans)):
-                if p is None:
-                    continue
-                if pl.label in owners:
-                    _tree.check_like_param(self.name, f"state[{b!r}]", params, i, p, s)
-                elif s is not None:
-                    raise ValueError(f"{self.name}: state[{b!r}] at {pl.path!r} is "
-                                     f"{_tree.describe_leaf(s)}, expected None (a "
-                                     f"{pl.label!r} parameter has no {b!r})")
-            bufs[b] = leaves
+        bufs = check_state_entries(self.name, self.state_spec, params, p_leaves, state,
+                                   labels=[pl.label for pl in plans])
         return plans, bufs
 
     def hyperparam_ranges(self) -> dict[str, Range]:

@@ -118,10 +118,13 @@ from ..optimizer import TreeOptimizer
 from ..runtime import group_by_device_and_dtype, has_dtensor, is_dtensor, needs_per_tensor
 from ..state import (
     MADE_BY_KEY,
-    buffer_leaves,
+    Buffer,
+    StateSpec,
     check_dtype_options,
     check_param_leaves,
+    check_state_entries,
     check_state_keys,
+    init_state_entries,
     made_by,
     state_device,
 )
@@ -130,6 +133,10 @@ MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
 RMS_CLIP = 1.1
 _HOST_COUNTERS = ("prob_step", "update_counter", "precond_updates")
 _INT = torch.int64
+# the counters and the momentum; the factors Q and the generator state rng are Kron's own
+STATE_SPEC = StateSpec(buffers={"momentum_buffer": Buffer()},
+                       counters=dict.fromkeys(_HOST_COUNTERS, 0),
+                       memory_format=torch.contiguous_format)
 
 
 @dataclass(frozen=True)
@@ -270,6 +277,7 @@ class Kron(TreeOptimizer):
         self.balance_every = balance_every
         self.seed = seed
         self._plans: dict[tuple[int, ...], KronFactorLayout] = {}
+        self.state_spec = STATE_SPEC
 
     def __repr__(self) -> str:
         opts = {**self.hyperparams, "preconditioner_update_probability": self.update_probability,
@@ -324,16 +332,13 @@ class Kron(TreeOptimizer):
         gen_device = device if device.type not in ("meta",) else torch.device("cpu")
         gen = torch.Generator(device=gen_device)
         gen.manual_seed(self.seed)
+        entries = init_state_entries(self.state_spec, params, device, dtype=self.momentum_dtype)
         return {
             "step": torch.zeros((), dtype=torch.int32, device=device),
             HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
-            "prob_step": torch.zeros((), dtype=_INT),
-            "update_counter": torch.zeros((), dtype=_INT),
-            "precond_updates": torch.zeros((), dtype=_INT),
+            **{k: entries[k] for k in _HOST_COUNTERS},
             "rng": gen.get_state(),
-            "momentum_buffer": _tree.map_tree(
-                lambda p: torch.zeros_like(p, dtype=self.momentum_dtype(p.dtype),
-                                           memory_format=torch.contiguous_format), params),
+            "momentum_buffer": entries["momentum_buffer"],
             "Q": _tree.map_tree(self._init_factors, params),
             MADE_BY_KEY: made_by(self.name),
         }
@@ -348,21 +353,20 @@ class Kron(TreeOptimizer):
             got = sorted(stored) if isinstance(stored, Mapping) else stored
             raise ValueError(f"{self.name}: state['{HPARAMS_KEY}'] must have "
                              f"{sorted(self.hyperparams)}, got {got}")
-        for k in (*_HOST_COUNTERS, "step"):
-            v = state[k]
-            if not (isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()):
-                raise ValueError(f"{self.name}: state[{k!r}] must be a 0-d integer tensor, got "
-                                 f"{_tree.describe_leaf(v)}")
+        m_leaves = check_state_entries(self.name, self.state_spec, params, p_leaves,
+                                       state)["momentum_buffer"]
+        v = state["step"]
+        if not (isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()):
+            raise ValueError(f"{self.name}: state['step'] must be a 0-d integer tensor, got "
+                             f"{_tree.describe_leaf(v)}")
         rng = state["rng"]
         if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.ndim == 1):
             raise ValueError(f"{self.name}: state['rng'] must be a torch.Generator state (a 1-D "
                              f"uint8 tensor), got {_tree.describe_leaf(rng)}")
-        m_leaves = buffer_leaves(self.name, params, state["momentum_buffer"], "momentum_buffer")
         q_leaves = self._tree_leaves(params, state["Q"], "Q")
-        for i, (p, m, q) in enumerate(zip(p_leaves, m_leaves, q_leaves)):
+        for i, (p, q) in enumerate(zip(p_leaves, q_leaves)):
             if p is None:
                 continue
-            _tree.check_like_param(self.name, "state['momentum_buffer']", params, i, p, m)
             plan = self.plan(p.shape)
             want = [(d,) if diag else (d, d) for d, diag in zip(plan.merged_shape, plan.diagonal)]
             ok = isinstance(q, (tuple, list)) and len(q) == len(want) and all(

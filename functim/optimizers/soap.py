@@ -136,11 +136,14 @@ from ..optimizer import State, TreeOptimizer
 from ..runtime import has_dtensor, is_dtensor, needs_per_tensor
 from ..state import (
     MADE_BY_KEY,
-    buffer_leaves,
+    Buffer,
+    StateSpec,
     cached_decay_flags,
     check_dtype_options,
     check_param_leaves,
+    check_state_entries,
     check_state_keys,
+    init_state_entries,
     made_by,
     state_device,
 )
@@ -149,6 +152,12 @@ DATA_FORMATS = ("channels_first", "channels_last")
 NORMALIZE_EPS = 1e-30  # the reference's ``norm_grad / (1e-30 + RMS)``
 BUFFERS = ("exp_avg", "exp_avg_sq", "GG", "Q")
 STATE_KEYS = ("step", "calls", HPARAMS_KEY, *BUFFERS)
+# the moments and the call counter; the preconditioner lists GG/Q are SOAP's own
+STATE_SPEC = StateSpec(
+    buffers={"exp_avg": Buffer(), "exp_avg_sq": Buffer()}, counters={"calls": 0},
+    memory_format=torch.contiguous_format,
+    counters_on_cpu="it is read on the host at every call to decide the first call and the "
+                    "refreshes")
 
 
 @dataclass(frozen=True)
@@ -220,6 +229,7 @@ class SoapOptimizer(TreeOptimizer):
         }
         self._plan_cache: dict[tuple[int, ...], SoapLeafLayout] = {}
         self._mask_cache: dict = {}
+        self.state_spec = STATE_SPEC
 
     def __repr__(self) -> str:
         args = {**self.hyperparams, **self.options}
@@ -260,10 +270,7 @@ class SoapOptimizer(TreeOptimizer):
     def init_state(self, params: Any) -> State:
         leaves, spec = check_param_leaves("soap", params, self.state_dtype)
         device = state_device(leaves)
-
-        def zeros(x):  # zeros_like: a DTensor param (FSDP2 shard) gets a DTensor moment
-            return torch.zeros_like(x, dtype=self.buffer_dtype(x.dtype),
-                                    memory_format=torch.contiguous_format)
+        entries = init_state_entries(self.state_spec, params, device, dtype=self.buffer_dtype)
 
         def mats(x, fill):
             pd = self.preconditioner_dtype(x.dtype)
@@ -271,10 +278,10 @@ class SoapOptimizer(TreeOptimizer):
 
         return {
             "step": torch.zeros((), dtype=torch.int32, device=device),
-            "calls": torch.zeros((), dtype=torch.int64),
+            "calls": entries["calls"],
             HPARAMS_KEY: init_hyperparams(self.hyperparams, device),
-            "exp_avg": _tree.map_tree(zeros, params),
-            "exp_avg_sq": _tree.map_tree(zeros, params),
+            "exp_avg": entries["exp_avg"],
+            "exp_avg_sq": entries["exp_avg_sq"],
             "GG": _tree.map_tree(lambda x: mats(x, lambda d, **kw: torch.zeros(d, d, **kw)),
                                  params),
             # the identity: a leaf whose first gradient is None keeps Adam's coordinates
@@ -291,21 +298,7 @@ class SoapOptimizer(TreeOptimizer):
             got = sorted(stored) if isinstance(stored, Mapping) else stored
             raise ValueError(f"soap: state['{HPARAMS_KEY}'] must have "
                              f"{sorted(self.hyperparams)}, got {got}")
-        calls = state["calls"]
-        if not (isinstance(calls, torch.Tensor) and calls.ndim == 0
-                and not calls.is_floating_point() and calls.device.type == "cpu"):
-            raise ValueError(
-                "soap: state['calls'] must be a 0-d integer tensor on the CPU (it is read on the "
-                "host at every call to decide the first call and the refreshes), got "
-                f"{_tree.describe_leaf(calls)}"
-                + (f" on {calls.device}" if isinstance(calls, torch.Tensor) else ""))
-        bufs = {}
-        for b in ("exp_avg", "exp_avg_sq"):
-            leaves = buffer_leaves("soap", params, state[b], b)
-            for i, (p, s) in enumerate(zip(p_leaves, leaves)):
-                if p is not None:
-                    _tree.check_like_param("soap", f"state[{b!r}]", params, i, p, s)
-            bufs[b] = leaves
+        bufs = check_state_entries(self.name, self.state_spec, params, p_leaves, state)
         for b in ("GG", "Q"):
             try:
                 leaves = spec.flatten_up_to(state[b])
